@@ -1,0 +1,47 @@
+# pymta — developer entry points.
+#   make run    create .venv, an instance in ./run/ if missing, start master in the foreground
+#   make test   install what the tests need, then run the whole suite
+#   make bench  benchmarks against Postfix and Dovecot (never part of make test)
+
+PYTHON     ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+DEB_TEST   := swaks msmtp mpop isync dnsmasq-base postfix fail2ban pflogsumm
+PYTEST_ARGS ?=
+
+.PHONY: run test bench venv test-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	@test -f run/etc/main.cf || $(VENV)/bin/pymta init run
+	$(VENV)/bin/pymta -c run/etc start --foreground
+
+# As root (CI), install the real clients and servers the system tests drive,
+# and the unprivileged mail_owner account the master drops to.
+test-deps:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  missing=""; for p in $(DEB_TEST); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  fi; \
+	  id pymta >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pymta; \
+	fi
+
+test: $(STAMP) test-deps
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) test-deps
+	$(PY) -m tests.bench.run $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
