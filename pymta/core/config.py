@@ -24,7 +24,7 @@ from pymta.core.params import PARAMS
 DEFAULT_CONFIG_DIRECTORY = "/etc/pymta"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_]+\Z")
-_TIME_RE = re.compile(r"(\d+)([smhdw]?)\Z")
+_TIME_RE = re.compile(r"([0-9]+)([smhdw]?)\Z")
 _TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # Names that the local delivery agent expands per recipient (forward_path,
 # mailbox_command); they stay literal when main.cf is read.
@@ -56,7 +56,9 @@ def logical_lines(path):
     except OSError as e:
         raise ConfigError(path, None, e.strerror) from None
     start, text = None, None
-    for number, line in enumerate(raw.splitlines(), 1):
+    # Lines end at "\n" only: str.splitlines() would also split at form
+    # feeds and Unicode separators and so misnumber every later line.
+    for number, line in enumerate(raw.split("\n"), 1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -103,7 +105,7 @@ def _convert(param, text):
         return parse_time(text, param.unit)
     if param.type in ("int", "size"):
         t = text.strip()
-        if not re.fullmatch(r"-?\d+", t):
+        if not re.fullmatch(r"[0-9]+", t):
             raise ValueError(f"bad {'numerical' if param.type == 'int' else 'size'} value '{text}'")
         return int(t)
     raise ValueError(f"unknown parameter type {param.type}")
@@ -183,6 +185,12 @@ class MainConfig:
                 if not m:
                     raise ValueError(f"bad parameter reference '${nxt}{inner}{close}'")
                 name, op, alt = m.group(1), m.group(2), m.group(3)
+                if op and name in LOCAL_EXPANSIONS and not self._defined(name):
+                    # Expanded per recipient by the local delivery agent:
+                    # keep the whole conditional for it.
+                    out.append(text[i:j])
+                    i = j
+                    continue
                 # Conditional forms test whether a parameter is set, so an
                 # undefined name is simply empty there, as in Postfix.
                 value = self._lookup(name, _seen, optional=bool(op))
@@ -202,6 +210,13 @@ class MainConfig:
                 out.append(self._lookup(m.group(0), _seen))
                 i += 1 + m.end()
         return "".join(out)
+
+    def _defined(self, name):
+        try:
+            self.raw(name)
+        except KeyError:
+            return False
+        return True
 
     def _lookup(self, name, seen, optional=False):
         if name in seen:
@@ -350,13 +365,15 @@ def parse_inet_name(name, path, number):
         host, port = name[1:end], name[end + 2:]
     elif ":" in name:
         host, port = name.rsplit(":", 1)
-    if port.isdigit():
+    if re.fullmatch(r"[0-9]+", port):
         value = int(port)
-    else:
+    elif re.fullmatch(r"[A-Za-z0-9_.+-]+", port):
         try:
             value = socket.getservbyname(port, "tcp")
         except OSError:
             raise ConfigError(path, number, f"bad port '{port}' in inet service '{name}'") from None
+    else:
+        raise ConfigError(path, number, f"bad port '{port}' in inet service '{name}'")
     if not 1 <= value <= 65535:
         raise ConfigError(path, number, f"bad port '{port}' in inet service '{name}': must be 1-65535")
     return host, value
@@ -388,14 +405,14 @@ def load_master(config_dir=None):
             entry.private = False
             entry.host, entry.port = parse_inet_name(name, path, number)
         if wakeup != "-":
-            m = re.fullmatch(r"(\d+)(\??)", wakeup)
+            m = re.fullmatch(r"([0-9]+)(\??)", wakeup)
             if not m:
                 raise ConfigError(path, number, f"bad wakeup time '{wakeup}': use -, N or N?")
             entry.wakeup = int(m.group(1))
             entry.wakeup_conditional = bool(m.group(2))
         if maxproc == "-":
             entry.maxproc = -1      # resolved against default_process_limit by the caller
-        elif maxproc.isdigit():
+        elif re.fullmatch(r"[0-9]+", maxproc):
             entry.maxproc = int(maxproc)
         else:
             raise ConfigError(path, number, f"bad maximal process count '{maxproc}': use -, 0 or a positive number")
