@@ -3,7 +3,10 @@
 #   make test   install what the tests need, then run the whole suite
 #   make bench  benchmarks against Postfix and Dovecot (never part of make test)
 
-PYTHON     ?= python3
+# Services run as mail_owner and must be able to execute the interpreter, so
+# the venv is built on Debian's /usr/bin/python3 when there is one (a pyenv
+# build under /root is out of reach of other accounts).
+PYTHON     ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 VENV       := .venv
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
@@ -14,7 +17,8 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
+	# maildir-deduplicate 2.2.0's wheel metadata is rejected by pip >= 24.1.
+	$(VENV)/bin/pip install -q 'pip<24.1'
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 

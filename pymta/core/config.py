@@ -416,7 +416,7 @@ def load_master(config_dir=None):
             entry.maxproc = int(maxproc)
         else:
             raise ConfigError(path, number, f"bad maximal process count '{maxproc}': use -, 0 or a positive number")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", command):
+        if not re.fullmatch(r"/?[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*", command) or ".." in command.split("/"):
             raise ConfigError(path, number, f"bad command name '{command}'")
         i = 0
         while i < len(args):

@@ -115,3 +115,8 @@ def panic(text):
     """An internal inconsistency: log and exit."""
     _emit(syslog.LOG_CRIT, "panic: " + text)
     raise SystemExit(2)
+
+
+def current_fd():
+    """The log file descriptor (a daemonizing master keeps it open)."""
+    return _state["fd"]

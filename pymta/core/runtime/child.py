@@ -1,0 +1,311 @@
+"""Service skeleton: everything a service process does that is not its job.
+
+`start(program)` parses the arguments the master gives (-c -n -t -o -v),
+reads the configuration with the service's -o overrides, starts logging,
+names the process, and returns a ServiceContext.  `serve(ctx, handler)` then
+runs an asyncio loop that accepts connections on the inherited listening
+sockets and calls `await handler(conn)` for each, with
+
+  - a per-process connection cap (process_connection_limit): at the cap the
+    process stops accepting and tells the master it is TAKEN, so the master
+    starts another process if maxproc allows;
+  - max_use: after that many connections the process stops accepting and
+    exits once its connections are done; max_idle: it exits after that long
+    without a connection (both off for long-running services like qmgr);
+  - an exit, after its connections are done, when the master goes away (the
+    lifeline pipe reads EOF) or sends SIGTERM (reload and stop).
+
+The service never sees any of that: it gets connections.
+"""
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+from pymta.core import config, log
+from pymta.core.errors import ConfigError, EX_CONFIG, EX_USAGE
+from pymta.core.runtime import (LIFELINE_FD, LISTEN_FD, STATUS_FD, STATUS_FORMAT,
+                                STAT_AVAIL, STAT_TAKEN, STAT_USED)
+
+DRAIN_TIME = 10.0       # seconds a leaving process gives its open connections
+
+
+class ServiceContext:
+    """What a service knows about itself."""
+
+    def __init__(self, program, args, cfg, listen_socks):
+        self.program = program
+        self.service_name = args.name or program
+        self.service_type = args.type
+        self.config_dir = cfg.config_dir
+        self.cfg = cfg
+        self.verbose = args.verbose
+        self.extra_args = args.extra
+        self.listen_socks = listen_socks
+        self.generation = int(os.environ.get("PYMTA_GENERATION", "0"))
+        self.under_master = os.environ.get("PYMTA_MASTER") == "1"
+
+
+class Connection:
+    """One accepted connection, as asyncio streams plus who is at the other end."""
+
+    def __init__(self, reader, writer, sock, listen_sock):
+        self.reader = reader
+        self.writer = writer
+        self.sock = sock
+        self.family = sock.family
+        self.local = sock.getsockname()
+        peer = writer.get_extra_info("peername")
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and peer:
+            self.peer_addr, self.peer_port = peer[0], peer[1]
+        else:
+            self.peer_addr, self.peer_port = "", 0
+        self.listen_sock = listen_sock
+
+    def peer_credentials(self):
+        """(pid, uid, gid) of a Unix-socket peer (SO_PEERCRED)."""
+        data = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", data)
+
+
+def _parse_args(program, argv):
+    p = argparse.ArgumentParser(prog=program, add_help=False)
+    p.add_argument("-c", dest="config_dir")
+    p.add_argument("-n", dest="name")
+    p.add_argument("-t", dest="type", default="unix")
+    p.add_argument("-o", dest="overrides", action="append", default=[])
+    p.add_argument("-v", dest="verbose", action="store_true")
+    p.add_argument("extra", nargs="*")
+    try:
+        return p.parse_args(argv)
+    except SystemExit:
+        sys.stderr.write(f"{program}: usage: {program} -c config_dir -n name -t type [-o name=value]... [-v]\n")
+        raise SystemExit(EX_USAGE) from None
+
+
+def start(program, argv=None):
+    """Parse the master's arguments, read the configuration, start logging."""
+    args = _parse_args(program, sys.argv[1:] if argv is None else argv)
+    overrides = {}
+    for setting in args.overrides:
+        name, sep, value = setting.partition("=")
+        if not sep:
+            sys.stderr.write(f"{program}: fatal: bad -o setting '{setting}'\n")
+            raise SystemExit(EX_USAGE)
+        overrides[name] = value
+    try:
+        cfg = config.load(args.config_dir, overrides)
+    except ConfigError as e:
+        sys.stderr.write(f"{program}: fatal: {e}\n")
+        raise SystemExit(EX_CONFIG) from None
+    log.setup(program, cfg, verbose=args.verbose)
+    count = int(os.environ.get("PYMTA_LISTEN_FDS", "0"))
+    socks = [socket.socket(fileno=LISTEN_FD + i) for i in range(count)]
+    for s in socks:
+        s.setblocking(False)
+    try:
+        import setproctitle
+        setproctitle.setproctitle(f"{cfg.syslog_name.split('/')[0]}: {program} -n {args.name or program} -t {args.type}")
+    except ImportError:
+        log.verbose("setproctitle not available")
+    # Ctrl-C in a foreground master reaches the whole process group; the
+    # master decides when children stop, so they ignore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return ServiceContext(program, args, cfg, socks)
+
+
+class _Server:
+    def __init__(self, ctx, handler, long_running, ssl_context):
+        self.ctx = ctx
+        self.handler = handler
+        self.long_running = long_running
+        self.ssl_context = ssl_context
+        cfg = ctx.cfg
+        self.cap = max(1, cfg.process_connection_limit)
+        self.max_use = 0 if long_running else cfg.max_use
+        self.max_idle = 0 if long_running else cfg.max_idle
+        self.active = set()
+        self.served = 0
+        self.accepting = False
+        self.leaving = False
+        self.reported = None
+        self.used_reported = False
+        self.last_activity = time.monotonic()
+        self.done = None
+        self.loop = None
+
+    # -- status to the master ------------------------------------------------
+    def report(self, status):
+        if not self.ctx.under_master:
+            return
+        if status == self.reported and status != STAT_USED:
+            return
+        try:
+            os.write(STATUS_FD, struct.pack(STATUS_FORMAT, os.getpid(), self.ctx.generation, status))
+        except OSError:
+            self.leave("master status pipe closed")
+            return
+        if status != STAT_USED:
+            self.reported = status
+
+    # -- accepting ---------------------------------------------------------------
+    def resume(self):
+        if self.accepting or self.leaving:
+            return
+        for s in self.ctx.listen_socks:
+            self.loop.add_reader(s.fileno(), self.on_readable, s)
+        self.accepting = True
+        self.report(STAT_AVAIL)
+
+    def pause(self):
+        if not self.accepting:
+            return
+        for s in self.ctx.listen_socks:
+            self.loop.remove_reader(s.fileno())
+        self.accepting = False
+        self.report(STAT_TAKEN)
+
+    def on_readable(self, lsock):
+        while self.accepting and len(self.active) < self.cap:
+            try:
+                conn, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning(f"accept: {e.strerror}")
+                return
+            conn.setblocking(False)
+            self.served += 1
+            if not self.used_reported:
+                self.used_reported = True
+                self.report(STAT_USED)
+            task = self.loop.create_task(self.run_one(conn, lsock))
+            self.active.add(task)
+            task.add_done_callback(self.finished)
+            if len(self.active) >= self.cap:
+                self.pause()
+            if self.max_use and self.served >= self.max_use:
+                self.leave(None)
+                return
+
+    async def run_one(self, conn, lsock):
+        reader = asyncio.StreamReader(limit=1 << 20, loop=self.loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=self.loop)
+        try:
+            transport, _ = await self.loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self.ssl_context,
+                ssl_handshake_timeout=60 if self.ssl_context else None)
+        except (OSError, asyncio.TimeoutError) as e:
+            log.info(f"connection setup failed: {e}")
+            conn.close()
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, self.loop)
+        try:
+            await self.handler(Connection(reader, writer, conn, lsock))
+        finally:
+            if not writer.is_closing():
+                writer.close()
+            try:
+                await writer.wait_closed()
+            except (OSError, asyncio.CancelledError):
+                # The peer reset the connection; it is closed either way.
+                pass
+
+    def finished(self, task):
+        self.active.discard(task)
+        self.last_activity = time.monotonic()
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error(f"unexpected {type(exc).__name__} in connection handler: {exc}")
+            import traceback
+            for line in traceback.format_exception(exc):
+                for part in line.rstrip().splitlines():
+                    log.verbose(part)
+        if self.leaving:
+            if not self.active and not self.done.done():
+                self.done.set_result(None)
+        elif len(self.active) < self.cap:
+            self.resume()
+
+    # -- leaving -----------------------------------------------------------------
+    def leave(self, reason):
+        if self.leaving:
+            return
+        if reason:
+            log.verbose(reason)
+        self.pause()
+        self.report(STAT_TAKEN)
+        self.leaving = True
+        for s in self.ctx.listen_socks:
+            s.close()
+        if not self.active and not self.done.done():
+            self.done.set_result(None)
+
+    def on_lifeline(self):
+        try:
+            data = os.read(LIFELINE_FD, 64)
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(LIFELINE_FD)
+            self.leave("master disconnect -- exiting")
+
+    async def idle_watch(self):
+        while not self.leaving:
+            await asyncio.sleep(min(self.max_idle, 5))
+            if not self.active and time.monotonic() - self.last_activity >= self.max_idle:
+                self.leave("idle timeout -- exiting")
+
+    async def run(self, main):
+        self.loop = asyncio.get_running_loop()
+        self.done = self.loop.create_future()
+        self.loop.add_signal_handler(signal.SIGTERM, self.leave, "terminated -- exiting")
+        if self.ctx.under_master:
+            self.loop.add_reader(LIFELINE_FD, self.on_lifeline)
+        self.resume()
+        tasks = []
+        if self.max_idle:
+            tasks.append(self.loop.create_task(self.idle_watch()))
+        main_task = self.loop.create_task(main()) if main else None
+        if main_task:
+            main_task.add_done_callback(lambda t: self.leave(None))
+        await self.done
+        if self.active:
+            _, pending = await asyncio.wait(self.active, timeout=DRAIN_TIME)
+            for t in pending:
+                t.cancel()
+        for t in tasks:
+            t.cancel()
+        if main_task and not main_task.done():
+            main_task.cancel()
+            await asyncio.wait([main_task])
+        if main_task and main_task.done() and not main_task.cancelled() and main_task.exception():
+            raise main_task.exception()
+
+
+def serve(ctx, handler, *, main=None, long_running=False, ssl_context=None):
+    """Run the service: accept connections, call `await handler(conn)` each.
+
+    `main`, if given, is a coroutine function run beside the server (qmgr's
+    scheduler); the process leaves when it returns.  `long_running` services
+    (qmgr, pickup) ignore max_use and max_idle.  `ssl_context` makes every
+    accepted connection implicit TLS (submissions, pop3s, imaps)."""
+    server = _Server(ctx, handler, long_running, ssl_context)
+    try:
+        asyncio.run(server.run(main))
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+async def read_trigger(conn, limit=1024, timeout=10):
+    """Read a trigger request (a few bytes, then EOF) from a connection."""
+    try:
+        return await asyncio.wait_for(conn.reader.read(limit), timeout)
+    except asyncio.TimeoutError:
+        return b""
