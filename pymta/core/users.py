@@ -220,6 +220,8 @@ def _classify(stored: str) -> tuple[_Scheme, object]:
                 f"the limit m={MAX_ARGON2_MEMORY_KIB},t={MAX_ARGON2_TIME_COST}")
         return _Scheme.ARGON2, params
     if scheme == "PLAIN":
+        if not data:
+            raise PasswordSchemeError("no password set (empty {PLAIN})")
         return _Scheme.PLAIN, data.encode("utf-8")
     if scheme in ("SHA512-CRYPT", "SHA256-CRYPT", "CRYPT"):
         want = {"SHA512-CRYPT": ("$6$",), "SHA256-CRYPT": ("$5$",),

@@ -103,6 +103,7 @@ def test_scheme_prefix_is_case_insensitive():
 
 @pytest.mark.parametrize("stored,reason", [
     ("", "no password"),
+    ("{PLAIN}", "no password"),
     ("{ARGON2ID}$argon2i$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA", "does not start"),
     ("{ARGON2ID}$argon2id$garbage", "malformed"),
     ("{ARGON2ID}$argon2id$v=19$m=4194304,t=3,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNo", "limit"),
