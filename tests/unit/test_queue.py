@@ -1,0 +1,457 @@
+"""The spool: directories, atomic entry, moves, scans, logs, maildrop."""
+
+import os
+import pwd
+import shutil
+import stat
+import tempfile
+import time
+import traceback
+
+import pytest
+
+from pymta.core.qfile import QueueFileError
+from pymta.core.queue import (
+    DIR_MODES, HASH_CHARS, LOG_NAMES, QUEUE_NAMES, Queue,
+)
+from pymta.core.queue_id import new_queue_id, valid_queue_id
+
+MSG = b"Subject: hello\n\nbody\n"
+
+
+@pytest.fixture
+def queue(tmp_path):
+    q = Queue(str(tmp_path / "spool"))
+    q.create_dirs()
+    yield q
+    q.close()
+
+
+def put(q, queue_name="incoming", rcpts=("bob@example.net",), content=MSG):
+    w = q.create(queue_name)
+    w.set_sender("alice@example.org")
+    for r in rcpts:
+        w.add_recipient(r)
+    w.write_content(content)
+    return w.commit()
+
+
+def mode(path):
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+# -- directories -------------------------------------------------------------------
+
+def test_create_dirs_modes(queue):
+    top = queue.directory
+    assert mode(top) == 0o755
+    assert mode(os.path.join(top, "maildrop")) == 0o1733
+    for name in QUEUE_NAMES + LOG_NAMES:
+        if name != "maildrop":
+            assert mode(os.path.join(top, name)) == 0o700, name
+    for name in ("incoming", "active", "deferred", "hold", "defer", "bounce"):
+        subdirs = sorted(os.listdir(os.path.join(top, name)))
+        assert subdirs == sorted(HASH_CHARS)
+        assert all(mode(os.path.join(top, name, d)) == 0o700 for d in subdirs)
+    assert os.listdir(os.path.join(top, "maildrop")) == []
+    assert os.listdir(os.path.join(top, "corrupt")) == []
+    assert set(DIR_MODES) == set(QUEUE_NAMES + LOG_NAMES)
+    assert queue.check_dirs(owner_uid=os.getuid()) == []
+
+
+def test_create_dirs_repairs_and_check_reports(queue):
+    os.chmod(os.path.join(queue.directory, "active"), 0o755)
+    os.rmdir(os.path.join(queue.directory, "hold", "7"))
+    problems = queue.check_dirs()
+    assert any("active: mode 0755, expected 0700" in p for p in problems)
+    assert any(p.endswith("hold/7: missing") for p in problems)
+    queue.create_dirs()
+    assert queue.check_dirs() == []
+
+
+def test_depth_two(tmp_path):
+    q = Queue(str(tmp_path / "spool"), hash_depth=2)
+    q.create_dirs()
+    qid = put(q)
+    rel = os.path.relpath(q.path("incoming", qid), q.directory).split(os.sep)
+    assert len(rel) == 4 and rel[0] == "incoming" and rel[3] == qid
+    assert list(q.scan("incoming")) == [qid]
+    assert q.check_dirs() == []
+
+
+# -- entering the queue ------------------------------------------------------------
+
+def test_create_commit_open(queue):
+    qid = put(queue, rcpts=["a@x", "b@x"])
+    assert valid_queue_id(qid)
+    path = queue.path("incoming", qid)
+    parent = os.path.basename(os.path.dirname(path))
+    assert len(parent) == 1 and parent in HASH_CHARS
+    assert os.listdir(os.path.dirname(path)) == [qid]
+    with queue.open("incoming", qid) as f:
+        assert f.queue_id == qid
+        assert [r.address for r in f.pending()] == ["a@x", "b@x"]
+        assert f.read_content() == MSG
+        assert abs(f.arrival_time - time.time()) < 60
+
+
+def test_commit_syscalls(queue, monkeypatch):
+    """One file fsync and one directory fsync; the rename comes between."""
+    calls = []
+    for name in ("fsync", "rename", "write"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, (lambda n, r: lambda *a: calls.append(n) or r(*a))(name, real))
+    w = queue.create()
+    w.set_sender("a@b")
+    w.add_recipient("c@d")
+    w.write_content(MSG)
+    calls.clear()
+    w.commit()
+    assert calls == ["write", "fsync", "rename", "fsync"]
+
+
+def test_uncommitted_file_is_invisible(queue):
+    w = queue.create()
+    w.set_sender("a@b")
+    w.add_recipient("c@d")
+    w.write_content(MSG)
+    assert list(queue.scan("incoming")) == []
+    assert queue.find(w.queue_id) is None
+    w.abort()
+    hashed = os.path.join(queue.directory, "incoming")
+    assert all(os.listdir(os.path.join(hashed, d)) == [] for d in HASH_CHARS)
+
+
+def test_crashed_writer_leaves_only_stale_temp(queue):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            w = queue.create()
+            w.write_content(b"half a message")
+        finally:
+            os._exit(0)          # no commit, no abort: like kill -9
+    os.waitpid(pid, 0)
+    assert list(queue.scan("incoming")) == []
+    assert queue.remove_stale_temp("incoming") == 0              # too young to remove
+    assert queue.remove_stale_temp("incoming", now=time.time() + 37 * 3600) == 1
+    hashed = os.path.join(queue.directory, "incoming")
+    assert all(os.listdir(os.path.join(hashed, d)) == [] for d in HASH_CHARS)
+
+
+def test_create_only_in_queues(queue):
+    for name in ("maildrop", "corrupt", "defer", "nonsense"):
+        with pytest.raises(ValueError):
+            queue.create(name)
+
+
+def test_unique_ids_from_concurrent_processes(queue):
+    pids = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for _ in range(100):
+                    put(queue)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for pid in pids:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    ids = list(queue.scan("incoming"))
+    assert len(ids) == 400 == len(set(ids))
+
+
+# -- moves and removal -------------------------------------------------------------
+
+def test_move_find_exists_remove(queue):
+    qid = put(queue)
+    assert queue.find(qid) == "incoming"
+    ino = os.stat(queue.path("incoming", qid)).st_ino
+    queue.move(qid, "incoming", "active")
+    assert queue.find(qid) == "active"
+    assert not queue.exists("incoming", qid) and queue.exists("active", qid)
+    assert os.stat(queue.path("active", qid)).st_ino == ino
+    queue.move(qid, "active", "deferred")
+    queue.append_log("defer", qid, "bob@example.net", "4.4.1", "deferred", "connection refused")
+    queue.append_log("bounce", qid, "x@example.net", "5.1.1", "bounced", "unknown user")
+    queue.remove("deferred", qid)
+    assert queue.find(qid) is None
+    assert queue.read_log("defer", qid) == [] and queue.read_log("bounce", qid) == []
+    with pytest.raises(FileNotFoundError):
+        queue.remove("deferred", qid)
+    with pytest.raises(FileNotFoundError):
+        queue.move(qid, "deferred", "active")
+    with pytest.raises(FileNotFoundError):
+        queue.open("deferred", qid)
+
+
+def test_move_to_hold_is_fsynced_others_not(queue, monkeypatch):
+    qid = put(queue)
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    queue.move(qid, "incoming", "active")
+    queue.move(qid, "active", "deferred")
+    assert synced == []
+    queue.move(qid, "deferred", "hold")
+    assert len(synced) == 1
+    queue.move(qid, "hold", "deferred")
+    assert len(synced) == 2
+    queue.move(qid, "deferred", "active", sync=True)
+    assert len(synced) == 3
+
+
+def test_mark_done_survives_moves(queue):
+    qid = put(queue, rcpts=["a@x", "b@x"])
+    queue.move(qid, "incoming", "active")
+    with queue.open("active", qid) as f:
+        f.mark_done(0)
+    queue.move(qid, "active", "deferred")
+    with queue.open("deferred", qid) as f:
+        assert [r.address for r in f.pending()] == ["b@x"]
+
+
+def test_next_attempt_is_mtime(queue):
+    qid = put(queue)
+    queue.move(qid, "incoming", "deferred")
+    when = time.time() + 3600
+    queue.set_next_attempt("deferred", qid, when)
+    assert queue.next_attempt("deferred", qid) == pytest.approx(when, abs=0.01)
+    queue.move(qid, "deferred", "active")
+    assert queue.next_attempt("active", qid) == pytest.approx(when, abs=0.01)
+    queue.move(qid, "active", "deferred")
+    assert [(q, round(t)) for q, t in queue.scan_times("deferred")] == [(qid, round(when))]
+
+
+def test_to_corrupt(queue):
+    qid = put(queue)
+    queue.move(qid, "incoming", "active")
+    queue.to_corrupt("active", qid, "bad header\nsecond line")
+    assert queue.find(qid) == "corrupt"
+    assert list(queue.scan("corrupt")) == [qid]          # the .reason file is not listed
+    assert queue.corrupt_reason(qid) == "active: bad header second line"
+    assert queue.corrupt_reason(new_queue_id()) == ""
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "", ".tmp.1.2", "a/b", "x" * 100])
+def test_hostile_ids_never_reach_the_file_system(queue, bad):
+    with pytest.raises(ValueError):
+        queue.path("incoming", bad)
+    with pytest.raises(ValueError):
+        queue.open("incoming", bad)
+    with pytest.raises(ValueError):
+        queue.remove("incoming", bad)
+    assert queue.find(bad) is None
+    with pytest.raises(ValueError):
+        queue.path("../etc", new_queue_id())
+
+
+# -- scanning ----------------------------------------------------------------------
+
+def test_scan_skips_temp_and_junk(queue):
+    qid = put(queue)
+    d = os.path.dirname(queue.path("incoming", qid))
+    open(os.path.join(d, ".tmp.123.abcdef"), "w").close()
+    open(os.path.join(d, "not-an-id"), "w").close()
+    os.mkdir(os.path.join(d, "subdir-with-long-name"))
+    os.symlink("/etc/passwd", os.path.join(d, new_queue_id()))
+    w = queue.create()                     # in progress
+    assert list(queue.scan("incoming")) == [qid]
+    w.abort()
+    with pytest.raises(ValueError):
+        list(queue.scan("nonsense"))
+
+
+def test_scan_20000_hashed_files(queue):
+    d_in = os.path.join(queue.directory, "incoming")
+    made = set()
+    for _ in range(20_000):
+        qid = new_queue_id()
+        made.add(qid)
+        open(queue.path("incoming", qid), "wb").close()
+    per_dir = [len(os.listdir(os.path.join(d_in, c))) for c in HASH_CHARS]
+    assert sum(per_dir) == 20_000
+    assert max(per_dir) < 20_000 / 16 * 1.5, per_dir        # spread over the 16 dirs
+    start = time.monotonic()
+    found = list(queue.scan("incoming"))
+    elapsed = time.monotonic() - start
+    assert set(found) == made and len(found) == 20_000
+    assert elapsed < 2.0, elapsed
+    qid = sorted(made)[12345]
+    assert queue.exists("incoming", qid) and queue.find(qid) == "incoming"
+
+
+def test_rehash_after_depth_change(tmp_path):
+    flat = Queue(str(tmp_path / "spool"), hash_depth=0)
+    flat.create_dirs()
+    qids = [put(flat) for _ in range(5)]
+    hashed = Queue(str(tmp_path / "spool"), hash_depth=1)
+    hashed.create_dirs()
+    assert sorted(hashed.scan("incoming")) == sorted(qids)   # still found
+    with pytest.raises(FileNotFoundError):
+        hashed.open("incoming", qids[0])
+    assert hashed.rehash() == 5
+    assert hashed.rehash() == 0
+    for qid in qids:
+        hashed.open("incoming", qid).close()
+
+
+# -- defer and bounce logs -----------------------------------------------------------
+
+def test_logs_round_trip(queue, monkeypatch):
+    qid = put(queue)
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    queue.append_log("defer", qid, "bob@example.net", "4.4.1", "deferred",
+                     "connect to mx[192.0.2.1]:25: Connection refused\r\nmore",
+                     {"relay": "mx[192.0.2.1]:25", "action": "delayed"})
+    assert len(synced) == 2                       # the log, and its new directory entry
+    queue.append_log("defer", qid, "carol@example.net", "4.2.2", "deferred", "mailbox full")
+    assert len(synced) == 3                       # an append: the log only
+    entries = queue.read_log("defer", qid)
+    assert [e["recipient"] for e in entries] == ["bob@example.net", "carol@example.net"]
+    assert entries[0]["reason"] == "connect to mx[192.0.2.1]:25: Connection refused  more"
+    assert entries[0]["relay"] == "mx[192.0.2.1]:25" and entries[0]["dsn"] == "4.4.1"
+    assert float(entries[0]["time"]) == pytest.approx(time.time(), abs=60)
+    assert queue.read_log("bounce", qid) == []
+    queue.remove_log("defer", qid)
+    assert queue.read_log("defer", qid) == []
+    queue.remove_log("defer", qid)
+
+
+def test_log_torn_last_entry_is_ignored(queue):
+    qid = put(queue)
+    queue.append_log("bounce", qid, "a@x", "5.1.1", "bounced", "unknown user")
+    with open(queue.path("bounce", qid), "ab") as f:
+        f.write(b"recipient=b@x\ndsn=5.")
+    assert [e["recipient"] for e in queue.read_log("bounce", qid)] == ["a@x"]
+
+
+def test_log_rejects_bad_input(queue):
+    qid = put(queue)
+    with pytest.raises(ValueError):
+        queue.append_log("trace", qid, "a@x", "5.0.0", "bounced", "x")
+    with pytest.raises(ValueError):
+        queue.append_log("defer", qid, "a@x", "4.0.0", "deferred", "x", {"bad=name": "v"})
+    with pytest.raises(ValueError):
+        queue.append_log("defer", qid, "a@x", "4.0.0", "deferred", "x", {"recipient": "other"})
+    with open(queue.path("defer", qid), "wb") as f:
+        f.write(b"garbage without equals\n\n")
+    with pytest.raises(QueueFileError):
+        queue.read_log("defer", qid)
+
+
+# -- maildrop --------------------------------------------------------------------------
+
+def test_maildrop_round_trip(queue):
+    name = queue.write_maildrop("user@host", ["a@x", "b@y"], b"Subject: s\n\nhi\n",
+                                {"full_name": "A User", "ret": "HDRS"}, notify="FAILURE")
+    path = os.path.join(queue.directory, "maildrop", name)
+    assert mode(path) == 0o644
+    assert list(queue.scan("maildrop")) == [name]
+    with queue.read_maildrop(name) as f:
+        assert f.owner_uid == os.getuid()
+        assert f.sender == "user@host"
+        assert [(r.address, r.notify) for r in f.recipients] == [("a@x", "FAILURE"), ("b@y", "FAILURE")]
+        assert f.attrs == {"full_name": "A User", "ret": "HDRS"}
+        assert f.read_content() == b"Subject: s\n\nhi\n"
+        with pytest.raises(ValueError):
+            f.mark_done(0)
+    queue.remove("maildrop", name)
+    assert list(queue.scan("maildrop")) == []
+
+
+def test_maildrop_written_by_unprivileged_user():
+    """As root, post as `nobody` into the 1733 directory; otherwise the test
+    user is the unprivileged one.  Either way pickup sees who posted."""
+    root = os.geteuid() == 0
+    uid = pwd.getpwnam("nobody").pw_uid if root else os.geteuid()
+    base = tempfile.mkdtemp(prefix="pymta-maildrop-")
+    os.chmod(base, 0o711)                   # nobody must reach spool/maildrop
+    queue = Queue(os.path.join(base, "spool"))
+    try:
+        queue.create_dirs()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                if root:
+                    os.setgroups([])
+                    os.setgid(pwd.getpwnam("nobody").pw_gid)
+                    os.setuid(uid)
+                name = queue.write_maildrop("me", ["you@x"], b"x\n", {})
+                os.write(w, name.encode())
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(w)
+        name = os.read(r, 100).decode()
+        os.close(r)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        with queue.read_maildrop(name) as f:
+            assert f.owner_uid == uid
+            assert f.sender == "me"
+        queue.remove("maildrop", name)      # pickup, as the directory owner, may
+    finally:
+        queue.close()
+        shutil.rmtree(base)
+
+
+def test_maildrop_writer_refuses_privileged_attributes(queue):
+    for attrs in ({"client_address": "10.0.0.1"}, {"rewrite_context": "remote"}):
+        with pytest.raises(ValueError):
+            queue.write_maildrop("u", ["a@b"], b"x\n", attrs)
+    with pytest.raises(ValueError):
+        queue.write_maildrop("u\nRPinjected@x", ["a@b"], b"x\n", {})
+    assert os.listdir(os.path.join(queue.directory, "maildrop")) == []
+
+
+def test_maildrop_hostile_files(queue, tmp_path):
+    md = os.path.join(queue.directory, "maildrop")
+    good = queue.write_maildrop("u", ["a@b"], b"x\n", {})
+
+    with pytest.raises(QueueFileError):
+        queue.read_maildrop("../incoming/x")
+    with pytest.raises(QueueFileError):
+        queue.read_maildrop(".tmp.1.abc")
+
+    link = new_queue_id()
+    os.symlink(os.path.join(md, good), os.path.join(md, link))
+    with pytest.raises(QueueFileError, match="symbolic link"):
+        queue.read_maildrop(link)
+
+    hard = new_queue_id()
+    os.link(os.path.join(md, good), os.path.join(md, hard))
+    with pytest.raises(QueueFileError, match="links"):
+        queue.read_maildrop(hard)
+    os.unlink(os.path.join(md, hard))
+
+    fifo = new_queue_id()
+    os.mkfifo(os.path.join(md, fifo))
+    with pytest.raises(QueueFileError, match="regular"):
+        queue.read_maildrop(fifo)                 # must not block
+
+    qid = put(queue)                              # a full queue file is not a post file
+    garbage = new_queue_id()
+    with open(queue.path("incoming", qid), "rb") as src, open(os.path.join(md, garbage), "wb") as dst:
+        dst.write(src.read())
+    with pytest.raises(QueueFileError, match="not allowed"):
+        queue.read_maildrop(garbage)
+
+    big = queue.write_maildrop("u", ["a@b"], b"y" * 10_000, {})
+    with pytest.raises(QueueFileError, match="larger"):
+        queue.read_maildrop(big, max_content=1000)
+
+    with pytest.raises(FileNotFoundError):
+        queue.read_maildrop(new_queue_id())
+
+    # scan lists every named entry, so that pickup can reject and remove them
+    assert set(queue.scan("maildrop")) == {good, link, fifo, garbage, big}
+    queue.read_maildrop(good).close()
