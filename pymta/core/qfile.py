@@ -232,14 +232,21 @@ class QueueFileWriter:
         parts.extend(self._attrs.values())
         parts.extend(self._rcpts)
         parts.append(REC_END + b"\n")
-        return b"".join(parts)
+        envelope = b"".join(parts)
+        if len(envelope) > self._limits["envelope"]:
+            raise ValueError(f"envelope larger than {self._limits['envelope']} bytes")
+        return envelope
 
     def commit(self):
         """Write everything, fsync, rename into place, fsync the directory.
 
         When this returns the message is on disk under its queue id, which
-        is returned.  On any error the temporary file is removed and the
-        error is raised: the message is not queued."""
+        is returned.  On an error before the rename the temporary file is
+        removed and the error is raised: the message is not queued.  If
+        only the final directory fsync fails, the file is in place but
+        perhaps not durable: the error is raised all the same, so the
+        caller does not acknowledge (the client's retry may then make a
+        duplicate, never a loss)."""
         self._check_open()
         try:
             envelope = self._envelope()

@@ -420,3 +420,17 @@ def test_fuzz_round_trip(tmp_path, sender, rcpts, attrs, content):
         assert f.attrs == attrs
         assert f.read_content() == content
     os.unlink(w.path)
+
+
+def test_post_stage_envelope_limit_in_writer(tmp_path):
+    w = make_writer(tmp_path, STAGE_POST)
+    w.set_sender("u@h")
+    for i in range(4500):
+        w.add_recipient(f"{i}{'r' * 4000}@example.org")
+    with pytest.raises(ValueError, match="envelope larger"):
+        w.commit()
+    assert os.listdir(tmp_path) == []
+    w = make_writer(tmp_path, STAGE_POST)
+    with pytest.raises(ValueError, match="longer than"):
+        w.add_recipient("r" * 5000)
+    w.abort()

@@ -15,6 +15,9 @@ from pymta.core.queue import (
     DIR_MODES, HASH_CHARS, LOG_NAMES, QUEUE_NAMES, Queue,
 )
 from pymta.core.queue_id import new_queue_id, valid_queue_id
+from pymta.core.safeio import (
+    atomic_write, fsync_dir, open_exclusive, pread_exact, pwrite_all, write_all,
+)
 
 MSG = b"Subject: hello\n\nbody\n"
 
@@ -455,3 +458,38 @@ def test_maildrop_hostile_files(queue, tmp_path):
     # scan lists every named entry, so that pickup can reject and remove them
     assert set(queue.scan("maildrop")) == {good, link, fifo, garbage, big}
     queue.read_maildrop(good).close()
+
+
+# -- safeio, the primitives underneath ---------------------------------------------------
+
+def test_atomic_write(tmp_path):
+    target = tmp_path / "aliases.db"
+    atomic_write(str(target), b"one\n", mode=0o640)
+    assert target.read_bytes() == b"one\n" and mode(target) == 0o640
+    ino = os.stat(target).st_ino
+    atomic_write(str(target), b"two\n")
+    assert target.read_bytes() == b"two\n" and mode(target) == 0o600
+    assert os.stat(target).st_ino != ino, "replaced by rename, not rewritten"
+    assert os.listdir(tmp_path) == ["aliases.db"]
+
+
+def test_open_exclusive_refuses_existing_and_symlinks(tmp_path):
+    existing = tmp_path / "f"
+    existing.write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        open_exclusive(str(existing))
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError):
+        open_exclusive(str(dangling))
+    assert not (tmp_path / "nowhere").exists()
+    fd = open_exclusive(str(tmp_path / "new"), 0o604, flags=os.O_RDWR, exact_mode=True)
+    try:
+        write_all(fd, b"0123456789")
+        pwrite_all(fd, b"AB", 3)
+        assert pread_exact(fd, 100, 0) == b"012AB56789"
+        assert pread_exact(fd, 4, 8) == b"89"
+    finally:
+        os.close(fd)
+    assert mode(tmp_path / "new") == 0o604
+    fsync_dir(str(tmp_path))
