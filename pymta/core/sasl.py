@@ -39,6 +39,8 @@ import dataclasses
 import enum
 import re
 
+from pymta.core.errors import PymtaError
+
 __all__ = [
     "MAX_RESPONSE_LENGTH", "MAX_IDENTITY_LENGTH", "MAX_PASSWORD_LENGTH",
     "Challenge", "Result", "SaslError", "SaslDecodeError", "SaslCancelled",
@@ -72,7 +74,7 @@ class Result:
     authzid: str = ""
 
 
-class SaslError(Exception):
+class SaslError(PymtaError):
     """Base of the exchange errors; ``reason`` is safe to log."""
 
     def __init__(self, reason: str):

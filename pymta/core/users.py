@@ -6,7 +6,10 @@ The file uses Dovecot's passwd-file format, one user per line::
 
 Fields are ``address:password:uid:gid:gecos:home:shell:extra_fields``; only
 the first two matter to pymta, the rest are kept as written. Lines whose first
-non-blank character is ``#`` and blank lines are ignored. Addresses are
+non-blank character is ``#`` and blank lines are ignored; a malformed line
+is skipped and reported with its number in ``UsersFile.problems`` (as
+Postfix's tables and Dovecot do), so one typo does not lock everyone out.
+Addresses are
 looked up case-insensitively (Postfix table lookups and Dovecot's default
 ``auth_username_format = %Lu`` do the same); the spelling in the file is the
 canonical one.
@@ -49,10 +52,14 @@ import re
 import secrets
 import stat
 import threading
+from typing import Callable
 
 import argon2
 import argon2.exceptions
 import argon2.profiles
+
+from pymta.core.errors import ConfigError, PymtaError
+from pymta.core.safeio import write_all
 
 __all__ = [
     "MAX_FILE_SIZE", "MAX_LINE_LENGTH", "MAX_PASSWORD_LENGTH",
@@ -77,19 +84,16 @@ DEFAULT_ARGON2 = argon2.profiles.RFC_9106_LOW_MEMORY
 _FILE_MODES = (0o600, 0o640)
 
 
-class UsersError(Exception):
+class UsersError(PymtaError):
     """Base class of the errors of this module."""
 
 
-class UsersFileError(UsersError):
-    """The users file cannot be read or is malformed."""
+class UsersFileError(ConfigError, UsersError):
+    """The users file cannot be read or is malformed: ``path:line: reason``."""
 
     def __init__(self, path: str, line: int | None, reason: str):
         self.path = path
-        self.line = line
-        self.reason = reason
-        where = f"{path}, line {line}" if line else path
-        super().__init__(f"{where}: {reason}")
+        super().__init__(path, line, reason)
 
 
 class InvalidAddressError(UsersError):
@@ -151,7 +155,7 @@ def _hasher(params: argon2.Parameters | None) -> argon2.PasswordHasher:
 
 def _as_bytes(password: str | bytes) -> bytes:
     if isinstance(password, str):
-        return password.encode("utf-8")
+        return password.encode("utf-8", "surrogateescape")
     return bytes(password)
 
 
@@ -400,9 +404,12 @@ class UsersFile:
 
     path: str
     entries: dict[str, UserEntry]
-    #: (line, reason) for entries that can never log in
+    #: (line, reason): lines skipped and entries that can never log in
     problems: list[tuple[int, str]]
+    #: every line as read, to rewrite the file without touching the others
     lines: list[str]
+    #: line number -> lookup key of every entry line, duplicates included
+    keys: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def lookup(self, address: str) -> UserEntry | None:
         if not isinstance(address, str) or len(address) > 318:
@@ -414,15 +421,18 @@ class UsersFile:
 
 
 def parse_users(data: bytes | str, path: str = "users") -> UsersFile:
-    """Parse the content of a users file; raise UsersFileError on bad lines.
+    """Parse the content of a users file.
 
-    Structural problems (bad address, too many fields, invalid UTF-8, NUL,
-    overlong line, duplicate address) reject the whole file, naming the line:
-    a half-read file would lock users out silently. A password that cannot be
-    verified only disables that entry (listed in ``problems``).
+    As Postfix's tables and Dovecot's passwd-file do, a bad line does not
+    take the other users down: it is skipped and reported in ``problems``
+    as ``(line, reason)`` (bad address, missing password field, invalid
+    UTF-8, NUL, overlong line, leading blank, duplicate address: the first
+    line wins). An entry whose password cannot be verified stays listed but
+    never logs in (``entry.problem``). Only a file too large to be a users
+    file raises UsersFileError.
     """
     if isinstance(data, str):
-        data = data.encode("utf-8")
+        data = data.encode("utf-8", "surrogateescape")
     if len(data) > MAX_FILE_SIZE:
         raise UsersFileError(path, None, f"file larger than {MAX_FILE_SIZE} bytes")
     raw_lines = data.split(b"\n")
@@ -431,35 +441,26 @@ def parse_users(data: bytes | str, path: str = "users") -> UsersFile:
     entries: dict[str, UserEntry] = {}
     problems: list[tuple[int, str]] = []
     lines: list[str] = []
+    keys: dict[int, str] = {}
     for number, raw in enumerate(raw_lines, 1):
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        if len(raw) > MAX_LINE_LENGTH:
-            raise UsersFileError(path, number, f"line longer than {MAX_LINE_LENGTH} bytes")
-        if b"\0" in raw or b"\r" in raw:
-            raise UsersFileError(path, number, "NUL or carriage return inside the line")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise UsersFileError(path, number, "not valid UTF-8") from exc
-        lines.append(text)
-        stripped = text.strip()
-        if not stripped or stripped.startswith("#"):
+        # Kept byte for byte (surrogateescape) so rewrites never alter a line.
+        lines.append(raw.decode("utf-8", "surrogateescape"))
+        body = raw[:-1] if raw.endswith(b"\r") else raw
+        stripped = body.strip()
+        if not stripped or stripped.startswith(b"#"):
             continue
-        if text[0].isspace():
-            raise UsersFileError(path, number, "entry starts with white space")
-        fields = text.split(":", 7)
-        if len(fields) < 2:
-            raise UsersFileError(path, number, "expected address:password[:uid:gid:gecos:home:shell:extra]")
+        reason = _line_problem(body)
+        if reason:
+            problems.append((number, reason))
+            continue
+        fields = body.decode("utf-8").split(":", 7)
         fields += [""] * (8 - len(fields))
-        try:
-            validate_address(fields[0])
-        except InvalidAddressError as exc:
-            raise UsersFileError(path, number, str(exc)) from exc
         key = normalize_address(fields[0])
+        keys[number] = key
         if key in entries:
-            raise UsersFileError(
-                path, number, f"duplicate user {fields[0]} (first on line {entries[key].line})")
+            problems.append((number, f"duplicate user {fields[0]} ignored "
+                                     f"(first on line {entries[key].line})"))
+            continue
         problem = ""
         try:
             _classify(fields[1])
@@ -467,7 +468,29 @@ def parse_users(data: bytes | str, path: str = "users") -> UsersFile:
             problem = str(exc)
             problems.append((number, f"{fields[0]}: {problem}"))
         entries[key] = UserEntry(*fields, line=number, problem=problem)
-    return UsersFile(path=path, entries=entries, problems=problems, lines=lines)
+    return UsersFile(path=path, entries=entries, problems=problems, lines=lines, keys=keys)
+
+
+def _line_problem(body: bytes) -> str:
+    """Why an entry line cannot be used ("" if it can)."""
+    if len(body) > MAX_LINE_LENGTH:
+        return f"line longer than {MAX_LINE_LENGTH} bytes ignored"
+    if b"\0" in body or b"\r" in body:
+        return "line with NUL or carriage return ignored"
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "line that is not valid UTF-8 ignored"
+    if text[0].isspace():
+        return "line starting with white space ignored"
+    fields = text.split(":", 7)
+    if len(fields) < 2:
+        return "line ignored: expected address:password[:uid:gid:gecos:home:shell:extra]"
+    try:
+        validate_address(fields[0])
+    except InvalidAddressError as exc:
+        return f"line ignored: {exc}"
+    return ""
 
 
 def _read_fd(fd: int, path: str) -> tuple[bytes, os.stat_result]:
@@ -544,13 +567,16 @@ class UsersDB:
     """The users file as a running server sees it.
 
     ``current()`` re-reads the file only when its (mtime, size, inode, device)
-    change; a file that became malformed raises UsersFileError on every call
-    until it is fixed (callers answer with a temporary failure), it is never
-    half-applied. Thread-safe.
+    change, then calls ``on_load(users_file)`` (a server logs
+    ``users_file.problems`` there). A file that cannot be read raises
+    UsersFileError on every call until it is fixed; callers answer with a
+    temporary failure. Thread-safe.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike,
+                 on_load: Callable[[UsersFile], None] | None = None):
         self.path = os.fspath(path)
+        self.on_load = on_load
         self._lock = threading.Lock()
         self._key: tuple[int, int, int, int] | None = None
         self._users: UsersFile | None = None
@@ -570,7 +596,9 @@ class UsersDB:
                 self._users, self._key = users, key
                 self._dummy = None
                 self.reloads += 1
-                return users
+            if self.on_load is not None:
+                self.on_load(users)
+            return users
         finally:
             os.close(fd)
 
@@ -597,7 +625,7 @@ class UsersDB:
     def authenticate(self, address: str, password: str | bytes) -> Verdict:
         """Check a login; every path runs one argon2 verification.
 
-        Raises UsersFileError if the file is missing or malformed.
+        Raises UsersFileError if the file is missing or unreadable.
         """
         users = self.current()
         raw = _as_bytes(password)
@@ -613,7 +641,7 @@ class UsersDB:
         if entry is None:
             return Verdict(AuthStatus.UNKNOWN_USER, None, None, "unknown user")
         return Verdict(AuthStatus.UNUSABLE, None, entry,
-                       f"{users.path}, line {entry.line}: {entry.problem}")
+                       f"{users.path}:{entry.line}: {entry.problem}")
 
 
 # ---------------------------------------------------------------- changes
@@ -649,9 +677,7 @@ def _write_atomic(path: str, dir_fd: int, data: bytes, mode: int,
             if owner is not None:
                 os.fchown(fd, *owner)
             os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -692,9 +718,10 @@ def _modify(path: str | os.PathLike, change, mode: int | None, create: bool) -> 
         owner = None
         if st is not None and (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
             owner = (st.st_uid if os.geteuid() == 0 else -1, st.st_gid)
-        text = "".join(line + "\n" for line in lines)
-        parse_users(text, path)     # never write what we could not read back
-        _write_atomic(path, dir_fd, text.encode("utf-8"), mode, owner)
+        data = "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
+        if len(data) > MAX_FILE_SIZE:
+            raise UsersFileError(path, None, f"file would grow beyond {MAX_FILE_SIZE} bytes")
+        _write_atomic(path, dir_fd, data, mode, owner)
         return entry
 
 
@@ -730,7 +757,8 @@ def set_password(path: str | os.PathLike, address: str, password: str | bytes, *
         if old is None:
             raise UnknownUserError(f"no such user: {address}")
         entry = dataclasses.replace(old, password=hashed, problem="")
-        lines[old.line - 1] = entry.format()
+        ending = "\r" if lines[old.line - 1].endswith("\r") else ""
+        lines[old.line - 1] = entry.format() + ending
         return entry
 
     return _modify(path, change, None, create=False)
@@ -743,7 +771,9 @@ def delete_user(path: str | os.PathLike, address: str) -> UserEntry:
         old = users.lookup(address)
         if old is None:
             raise UnknownUserError(f"no such user: {address}")
-        del lines[old.line - 1]
+        old_key = normalize_address(old.address)
+        for number in sorted((n for n, k in users.keys.items() if k == old_key), reverse=True):
+            del lines[number - 1]
         return old
 
     return _modify(path, change, None, create=False)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import stat
 import statistics
 import threading
@@ -194,22 +195,38 @@ def test_password_is_not_in_repr():
     assert "topsecret" not in repr(entry)
 
 
-@pytest.mark.parametrize("text,line,reason", [
-    ("ok@example.org:{PLAIN}x\nnocolon\n", 2, "expected address:password"),
-    ("ok@example.org:{PLAIN}x\n../../etc@example.org:{PLAIN}x\n", 2, "bad local part"),
-    ("a@example.org:{PLAIN}x\n\nA@EXAMPLE.org:{PLAIN}y\n", 3, "duplicate user A@EXAMPLE.org .first on line 1"),
-    (b"a@example.org:{PLAIN}\xff\n", 1, "UTF-8"),
-    ("a@example.org:{PLAIN}x\0y\n", 1, "NUL"),
-    ("a@example.org:{PLAIN}x\ry\n", 1, "carriage return"),
-    (" a@example.org:{PLAIN}x\n", 1, "white space"),
-    ("a@example.org:{PLAIN}" + "x" * 9000 + "\n", 1, "longer than"),
+@pytest.mark.parametrize("bad,reason", [
+    ("nocolon", "expected address:password"),
+    ("../../etc@example.org:{PLAIN}x", "bad local part"),
+    ("jörg@example.org:{PLAIN}x", "bad local part"),
+    ("alice:{PLAIN}x", "not a user@domain address"),
+    (b"a@example.org:{PLAIN}\xff", "not valid UTF-8"),
+    ("a@example.org:{PLAIN}x\0y", "NUL"),
+    ("a@example.org:{PLAIN}x\ry", "carriage return"),
+    (" a@example.org:{PLAIN}x", "white space"),
+    ("a@example.org:{PLAIN}" + "x" * 9000, "longer than"),
 ])
-def test_parse_errors_name_the_line(text, line, reason):
-    with pytest.raises(u.UsersFileError, match=reason) as info:
-        u.parse_users(text, "etc/users")
-    assert info.value.line == line
-    assert info.value.path == "etc/users"
-    assert str(info.value).startswith(f"etc/users, line {line}: ")
+def test_bad_lines_are_skipped_and_reported(bad, reason):
+    bad = bad if isinstance(bad, bytes) else bad.encode()
+    data = b"ok@example.org:{PLAIN}x\n" + bad + b"\nlast@example.org:{PLAIN}y\n"
+    users = u.parse_users(data, "etc/users")
+    assert sorted(users.entries) == ["last@example.org", "ok@example.org"]
+    assert len(users.problems) == 1
+    line, text = users.problems[0]
+    assert line == 2 and re.search(reason, text), text
+    assert users.lookup("a@example.org") is None
+
+
+def test_duplicates_first_line_wins():
+    users = u.parse_users("a@example.org:{PLAIN}x\n\nA@EXAMPLE.org:{PLAIN}y\n", "users")
+    assert users.lookup("a@example.org").password == "{PLAIN}x"
+    assert users.problems == [(3, "duplicate user A@EXAMPLE.org ignored (first on line 1)")]
+
+
+def test_only_oversized_files_are_fatal(monkeypatch):
+    monkeypatch.setattr(u, "MAX_FILE_SIZE", 10)
+    with pytest.raises(u.UsersFileError, match="larger than 10 bytes"):
+        u.parse_users("a@example.org:{PLAIN}x\n", "users")
 
 
 def test_unverifiable_entries_are_listed_not_fatal():
@@ -238,6 +255,15 @@ def test_read_users_refuses_symlinks_and_big_files(tmp_path, monkeypatch):
         u.read_users(real)
 
 
+def test_users_file_error_is_a_config_error(tmp_path):
+    from pymta.core.errors import ConfigError, PymtaError
+    with pytest.raises(ConfigError) as info:
+        u.read_users(tmp_path / "users")
+    assert isinstance(info.value, u.UsersError) and isinstance(info.value, PymtaError)
+    assert (info.value.file, info.value.line) == (str(tmp_path / "users"), None)
+    assert str(info.value) == f"{tmp_path / 'users'}: No such file or directory"
+
+
 def test_read_users_missing_file(tmp_path):
     with pytest.raises(u.UsersFileError, match="No such file"):
         u.read_users(tmp_path / "users")
@@ -264,7 +290,7 @@ def test_authenticate_unknown_and_unusable(tmp_path):
     assert unknown.status is u.AuthStatus.UNKNOWN_USER and unknown.entry is None
     unusable = db.authenticate("old@example.org", "pw")
     assert unusable.status is u.AuthStatus.UNUSABLE
-    assert unusable.reason.startswith(f"{path}, line 1: ") and "bcrypt" in unusable.reason
+    assert unusable.reason.startswith(f"{path}:1: ") and "bcrypt" in unusable.reason
 
 
 def test_every_path_runs_exactly_one_argon2_verification(tmp_path, monkeypatch):
@@ -322,14 +348,27 @@ def test_usersdb_rereads_only_on_change(tmp_path):
     assert db.reloads == 2
 
 
-def test_usersdb_malformed_file_fails_until_fixed(tmp_path):
+def test_usersdb_reports_problems_on_each_load(tmp_path):
+    path = write(tmp_path / "users", "a@example.org:{PLAIN}one\n")
+    loads = []
+    db = u.UsersDB(path, on_load=lambda users: loads.append(users.problems))
+    assert db.authenticate("a@example.org", "one").ok
+    assert db.authenticate("a@example.org", "one").ok
+    write(path, "a@example.org:{PLAIN}one\nbroken line\n")
+    assert db.authenticate("a@example.org", "one").ok
+    assert loads == [[], [(2, "line ignored: expected address:password[:uid:gid:gecos:home:shell:extra]")]]
+
+
+def test_usersdb_unreadable_file_fails_until_fixed(tmp_path):
     path = write(tmp_path / "users", "a@example.org:{PLAIN}one\n")
     db = u.UsersDB(path)
     assert db.authenticate("a@example.org", "one").ok
-    write(path, "a@example.org:{PLAIN}one\nbroken line\n")
-    with pytest.raises(u.UsersFileError, match="line 2"):
+    os.rename(path, tmp_path / "moved")
+    os.mkdir(path)
+    with pytest.raises(u.UsersFileError, match="not a regular file"):
         db.authenticate("a@example.org", "one")
-    write(path, "a@example.org:{PLAIN}one\n# broken line\n")
+    os.rmdir(path)
+    os.rename(tmp_path / "moved", path)
     assert db.authenticate("a@example.org", "one").ok
 
 
@@ -403,11 +442,24 @@ def test_change_errors(tmp_path):
         u.set_password(tmp_path / "missing", "a@example.org", "pw", params=CHEAP)
 
 
-def test_change_refuses_to_touch_a_malformed_file(tmp_path):
-    path = write(tmp_path / "users", "a@example.org:{PLAIN}x\ngarbage\n")
-    with pytest.raises(u.UsersFileError, match="line 2"):
-        u.add_user(path, "b@example.org", "pw", params=CHEAP)
-    assert path.read_text() == "a@example.org:{PLAIN}x\ngarbage\n"
+def test_changes_keep_bad_lines_byte_for_byte(tmp_path):
+    original = b"a@example.org:{PLAIN}x\r\ngarbage \xff\x00\n# note\n"
+    path = tmp_path / "users"
+    path.write_bytes(original)
+    u.add_user(path, "b@example.org", "pw", params=CHEAP)
+    data = path.read_bytes()
+    assert data.startswith(original) and data.count(b"\n") == 4
+    u.set_password(path, "a@example.org", "new", params=CHEAP)
+    first, rest = path.read_bytes().split(b"\n", 1)
+    assert first.startswith(b"a@example.org:{ARGON2ID}") and first.endswith(b"::::::\r")
+    assert rest.startswith(b"garbage \xff\x00\n# note\n")
+
+
+def test_delete_removes_duplicate_lines_too(tmp_path):
+    path = write(tmp_path / "users", "a@example.org:{PLAIN}x\nb@example.org:{PLAIN}b\nA@example.org:{PLAIN}y\n")
+    u.delete_user(path, "a@example.org")
+    assert path.read_text() == "b@example.org:{PLAIN}b\n"
+    assert u.UsersDB(path).lookup("a@example.org") is None
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):
