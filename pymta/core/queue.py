@@ -161,11 +161,10 @@ class Queue:
             if uid != -1 or gid != -1:
                 os.chown(path, uid, gid)
 
-        try:
-            os.makedirs(self.directory, TOP_MODE)
+        if not os.path.isdir(self.directory):
+            # A queue_directory that exists keeps the mode the admin gave it.
+            os.makedirs(self.directory, TOP_MODE, exist_ok=True)
             os.chmod(self.directory, TOP_MODE)
-        except FileExistsError:
-            pass
         for name, mode in DIR_MODES.items():
             make(os.path.join(self.directory, name), mode)
             for d in self._all_levels(name):
