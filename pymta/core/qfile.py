@@ -494,6 +494,8 @@ class QueueFile:
         fd = self._need_fd()
         if self.readonly:
             raise ValueError(f"queue file {self.queue_id} is open read-only")
+        if not 0 <= index < len(self._offsets):
+            raise IndexError(f"queue file {self.queue_id} has no recipient {index}")
         if os.pwrite(fd, STATUS_DONE, self._offsets[index]) != 1:
             raise OSError(errno.EIO, "short write of a recipient status", self.path)
         self.recipients[index].done = True

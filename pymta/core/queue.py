@@ -101,7 +101,8 @@ class Queue:
         return os.path.join(self.dir(queue_name, queue_id), queue_id)
 
     def _hash_dirs(self, name):
-        """Every hashed subdirectory of `name` for the current depth."""
+        """The deepest hashed subdirectories of `name` for the current depth
+        (where files live), or just the top of an unhashed queue."""
         top = os.path.join(self.directory, name)
         if name not in HASHED_NAMES or self.hash_depth == 0:
             return [top]
@@ -132,7 +133,8 @@ class Queue:
             os.sync()
 
     def close(self):
-        """Close the directory fds kept for fsync."""
+        """Close the directory fds kept for fsync (call it before removing
+        and re-creating the spool in the same process)."""
         fds, self._dirfds = self._dirfds, {}
         for fd in fds.values():
             os.close(fd)

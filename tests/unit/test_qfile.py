@@ -163,6 +163,10 @@ def test_mark_done_is_one_byte_in_place(tmp_path):
         f.mark_done(2)
     with open_file(path) as f:
         assert f.pending() == []
+        for bad in (-1, 3):
+            with pytest.raises(IndexError):
+                f.mark_done(bad)
+    assert open(path, "rb").read().count(b"\nRD") == 3
 
 
 def test_mark_done_refused_read_only(tmp_path):
