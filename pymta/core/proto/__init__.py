@@ -1,0 +1,1 @@
+"""Sans-IO protocol engines: bytes in, replies and events out; no sockets, files or asyncio."""
