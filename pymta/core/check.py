@@ -3,7 +3,9 @@
 `check_instance(config_dir)` reads the configuration the way the programs
 do and looks at what they need at start-up: main.cf and master.cf valid
 (with every master.cf `-o` value typed in the context of main.cf), each
-command present and executable in daemon_directory, no two inet services on
+command present in daemon_directory and readable by the account that runs
+it (the master runs it with this Python interpreter, so it need not be
+executable), no two inet services on
 one address and port, the instance directories present with safe modes, TLS
 certificate and key usable and the key private, and, as root, mail_owner an
 unprivileged account that owns the queue.  It returns a list of `Problem`s
@@ -75,6 +77,7 @@ def check_instance(config_dir=None):
     if cfg is None:
         # Paths and modes depend on main.cf values that could not be read.
         return problems
+    owner = _check_mail_owner(cfg, problems)
     if entries is not None:
         try:
             validate_master(cfg, entries)
@@ -82,11 +85,10 @@ def check_instance(config_dir=None):
             problems.append(Problem("fatal", str(e)))
             entries = None
     if entries is not None:
-        _check_commands(cfg, entries, problems)
+        _check_commands(cfg, entries, owner, problems)
         _check_listeners(cfg, entries, problems)
     _check_directories(cfg, problems)
     _check_tls(cfg, entries or [], problems)
-    owner = _check_mail_owner(cfg, problems)
     if owner is not None:
         _check_queue_owner(cfg, owner, problems)
     return problems
@@ -113,7 +115,10 @@ def _warning(problems, text):
 # --- master.cf ------------------------------------------------------------------
 
 
-def _check_commands(cfg, entries, problems):
+def _check_commands(cfg, entries, owner, problems):
+    """Each command is a file the master can hand to the interpreter, and
+    that the account the service runs as (mail_owner when the master is
+    root and the unpriv column is y) can read."""
     directory = cfg.daemon_directory
     if not os.path.isdir(directory):
         _fatal(problems, f"{_where(cfg, 'daemon_directory')}daemon_directory: {directory}: no such directory")
@@ -121,10 +126,31 @@ def _check_commands(cfg, entries, problems):
     for entry in entries:
         path = os.path.join(directory, entry.command)
         where = f"{entry.file}:{entry.line}: service '{entry.name}/{entry.type}'"
-        if not os.path.isfile(path):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
             _fatal(problems, f"{where}: command {path}: no such file")
-        elif not os.access(path, os.X_OK):
-            _fatal(problems, f"{where}: command {path}: not executable")
+            continue
+        except OSError as e:
+            _fatal(problems, f"{where}: command {path}: {e.strerror}")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            _fatal(problems, f"{where}: command {path}: not a regular file")
+        elif owner is not None and entry.unpriv:
+            if not _readable_by(st, owner):
+                _fatal(problems, f"{where}: command {path}: not readable by mail_owner {owner.pw_name}")
+        elif not os.access(path, os.R_OK):
+            _fatal(problems, f"{where}: command {path}: not readable")
+
+
+def _readable_by(st, pw):
+    """Whether a process with pw's uid and primary gid only (the master
+    drops supplementary groups) may read a file with stat `st`."""
+    if st.st_uid == pw.pw_uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid == pw.pw_gid:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
 
 
 def _bind_addresses(cfg, entry):
