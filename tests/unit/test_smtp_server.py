@@ -29,6 +29,7 @@ from pymta.core.proto.smtp_server import (
     StartTLS,
     State,
     Vrfy,
+    printable,
 )
 
 HOST = "mx.example.org"
@@ -1067,6 +1068,15 @@ class TestAuth:
         assert d.engine.state is State.COMMAND
         assert "auth=0/1" in d.engine.counters()
 
+    def test_invalid_auth_reply_leaves_decision_pending(self):
+        d = self.tls_driver(policy=lambda ev: "hold" if isinstance(ev, AuthStart) else None)
+        d.send(b"AUTH PLAIN =\r\n")
+        with pytest.raises(ValueError):
+            d.engine.auth_done(True, (535, "5.7.8", "success is not 5xx"))
+        assert d.engine.awaiting_decision
+        d.engine.auth_done(True)
+        assert d.take() == S235_AUTH_OK
+
     def test_answering_auth_with_accept_is_a_driver_bug(self):
         d = self.tls_driver(policy=lambda ev: "hold" if isinstance(ev, AuthStart) else None)
         d.send(b"AUTH LOGIN\r\n")
@@ -1187,6 +1197,15 @@ class TestBdat:
 def test_counter_order_is_postfix_like():
     assert COUNTER_ORDER[:4] == ("helo", "ehlo", "starttls", "auth")
     assert COUNTER_ORDER[-2:] == ("quit", "unknown")
+
+
+@pytest.mark.parametrize("data, text", [
+    (b"GET /\x1b[31m \xff", "GET /?[31m ?"),
+    ("h\u00e9llo\x1b\u2028", "h\u00e9llo??"),
+    (b"x" * 300, "x" * 100),
+])
+def test_printable(data, text):
+    assert printable(data) == text
 
 
 def test_counters_with_no_commands():

@@ -36,7 +36,7 @@ import binascii
 import enum
 import re
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pymta.core.address import (
     AddressError,
@@ -168,7 +168,11 @@ class StartTLS(Event):
 
 @dataclass(frozen=True, slots=True)
 class Helo(Decision):
-    """HELO (esmtp False) or EHLO (esmtp True). accept() sends the 250 reply."""
+    """HELO (esmtp False) or EHLO (esmtp True). accept() sends the 250 reply.
+
+    `name` is the client's text as sent (valid UTF-8, may hold control
+    characters): log it through printable().
+    """
 
     name: str
     esmtp: bool
@@ -234,9 +238,10 @@ _AGAIN = object()
 
 
 def printable(data, limit=100):
-    """Input bytes as a log-safe string: non-printables as '?', at most `limit` chars."""
-    text = bytes(data[:limit]).decode("latin-1")
-    return "".join(c if " " <= c <= "~" else "?" for c in text)
+    """Client input (bytes or str) made log-safe: non-printables as '?', at most `limit` chars."""
+    text = data[:limit] if isinstance(data, str) else bytes(data[:limit]).decode("utf-8", "replace")
+    return "".join(c if " " <= c <= "~" or (c > "\xa0" and c != "\ufffd" and c.isprintable())
+                   else "?" for c in text)
 
 
 class SMTPServer:
@@ -260,7 +265,6 @@ class SMTPServer:
         self._skip_line = False
         self._ill_pipelining = None
         self._counts = {name: [0, 0] for name in COUNTER_ORDER}
-        self._long_re = re.compile(rb"^[^\n]{%d}" % s.data_line_limit, re.M)
         if s.max_pipelined_input:
             self._max_pipelined = s.max_pipelined_input
         elif s.message_size_limit:
@@ -418,11 +422,6 @@ class SMTPServer:
 
     def auth_done(self, success, reply=None):
         """Finish the AUTH exchange; `reply` is an optional (code, enhanced, text)."""
-        ev = self._take_pending((AuthStart, AuthResponse), "auth_done")
-        if ev is None:
-            return
-        self.state = State.COMMAND
-        self._count("auth", success)
         if reply is None:
             if success:
                 reply = (235, "2.7.0", "Authentication successful")
@@ -430,6 +429,11 @@ class SMTPServer:
                 reply = (535, "5.7.8", "Error: authentication failed")
         code, enhanced, text = reply
         _check_code(code, enhanced, (2,) if success else (4, 5))
+        ev = self._take_pending((AuthStart, AuthResponse), "auth_done")
+        if ev is None:
+            return
+        self.state = State.COMMAND
+        self._count("auth", success)
         if success:
             self.authenticated = True
         self._reply(code, enhanced, text)
@@ -563,7 +567,7 @@ class SMTPServer:
         if code >= 400:
             self.error_count += 1
         text = "\n".join(out)
-        self._events.append(Reply(code, text, (text.replace("\n", "\r\n") + "\r\n").encode("utf-8"),
+        self._events.append(Reply(code, text, (text.replace("\n", "\r\n") + "\r\n").encode("utf-8", "replace"),
                                   self.error_count >= self.settings.soft_error_limit))
 
     def _reply(self, code, enhanced, text):
@@ -1059,22 +1063,28 @@ class SMTPServer:
             self._too_big = True
             self._parts = []
             return
-        self._parts.append(bytes(buf[:stop]))
-        self._count_long_lines(buf, stop)
+        chunk = bytes(buf[:stop])
+        self._parts.append(chunk)
+        self._count_long_lines(chunk)
 
-    def _count_long_lines(self, buf, stop):
+    def _count_long_lines(self, chunk):
+        """Count lines longer than data_line_limit (CRLF included); they are kept."""
         lim = self.settings.data_line_limit
-        first = buf.find(b"\n", 0, stop)
-        if first < 0:
-            self._line_len += stop
+        if self._line_len + len(chunk) < lim:
+            nl = chunk.rfind(b"\n")
+            self._line_len = len(chunk) - nl - 1 if nl >= 0 else self._line_len + len(chunk)
             return
-        if self._line_len + first >= lim:
+        pieces = chunk.split(b"\n")
+        if len(pieces) == 1:
+            self._line_len += len(chunk)
+            return
+        if self._line_len + len(pieces[0]) >= lim:
             self._long_lines += 1
-        last = buf.rfind(b"\n", first, stop)
-        if last - first > lim:
-            for _ in self._long_re.finditer(buf, first + 1, last + 1):
-                self._long_lines += 1
-        self._line_len = stop - last - 1
+        if len(pieces) > 2:
+            middle = pieces[1:-1]
+            if max(map(len, middle)) >= lim:
+                self._long_lines += sum(1 for p in middle if len(p) >= lim)
+        self._line_len = len(pieces[-1])
 
     def _read_data(self):
         """Consume DATA content; True when the message ended (state changed)."""
