@@ -668,7 +668,7 @@ class _DirLock:
 
 def _write_atomic(path: str, dir_fd: int, data: bytes, mode: int,
                   owner: tuple[int, int] | None) -> None:
-    directory, name = os.path.split(path)
+    name = os.path.basename(path)
     tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  mode, dir_fd=dir_fd)

@@ -333,7 +333,8 @@ def test_unknown_user_timing_matches_wrong_password(tmp_path):
         return statistics.median(samples)
 
     known, unknown = median("a@example.org"), median("nobody@example.org")
-    assert 0.5 < unknown / known < 2.0, (known, unknown)
+    # Without the dummy verification the ratio would be ~0.01; allow for a loaded machine.
+    assert 0.25 < unknown / known < 4.0, (known, unknown)
 
 
 def test_usersdb_rereads_only_on_change(tmp_path):
@@ -403,7 +404,7 @@ def test_changes_keep_comments_fields_and_mode(tmp_path):
                 "\n"
                 "carol@example.org:{PLAIN}c::::::\n")
     path = write(tmp_path / "users", original, mode=0o600)
-    inode = os.stat(path).st_ino
+    old_file = open(path)         # a reader that opened the file before the changes
     u.add_user(path, "dave@example.org", "d", params=CHEAP)
     u.set_password(path, "BOB@example.org", "new", params=CHEAP)
     lines = path.read_text().splitlines()
@@ -415,7 +416,8 @@ def test_changes_keep_comments_fields_and_mode(tmp_path):
     assert removed.address == "carol@example.org"
     assert [e.address for e in u.list_users(path)] == ["bob@example.org", "dave@example.org"]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert os.stat(path).st_ino != inode
+    assert old_file.read() == original       # replaced by rename, never rewritten in place
+    old_file.close()
     assert sorted(os.listdir(tmp_path)) == ["users"]
 
 
