@@ -148,6 +148,8 @@ class _Server:
         try:
             os.write(STATUS_FD, struct.pack(STATUS_FORMAT, os.getpid(), self.ctx.generation, status))
         except OSError:
+            # The master is gone (EPIPE): leave as on lifeline EOF.
+            self.ctx.under_master = False
             self.leave("master status pipe closed")
             return
         if status != STAT_USED:
@@ -236,11 +238,11 @@ class _Server:
     def leave(self, reason):
         if self.leaving:
             return
+        self.leaving = True
         if reason:
             log.verbose(reason)
         self.pause()
         self.report(STAT_TAKEN)
-        self.leaving = True
         for s in self.ctx.listen_socks:
             s.close()
         if not self.active and not self.done.done():
