@@ -16,13 +16,13 @@ sleep. The caller does the waiting::
 
     if (wait := throttle.refused_for(peer)):
         reply("454 4.7.0 Too many failed logins, try again later"); close()
-    ...
+    verdict = await loop.run_in_executor(None, db.authenticate, user, password)
     if verdict.ok:
         throttle.success(peer)
     else:
         penalty = throttle.failure(peer)
         await asyncio.sleep(penalty.delay)
-        reply("535 5.7.8 Error: authentication failed: ...")
+        reply("535 5.7.8 Error: authentication failed: authentication failure")
 """
 
 from __future__ import annotations
