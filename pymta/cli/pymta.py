@@ -272,5 +272,26 @@ def check(config_dir):
     _check_or_fail(config_dir)
 
 
+@cli.command()
+@click.pass_obj
+def flush(config_dir):
+    """Retry every deferred message now (as postqueue -f)."""
+    from pymta.core import trigger
+    cfg = _load(config_dir)
+    # Postfix's flush: retry dead destinations, ignore next-attempt times,
+    # scan deferred and incoming.
+    request = trigger.FLUSH_DEAD + trigger.IGNORE_TIME + trigger.SCAN_DEFERRED + trigger.SCAN_INCOMING
+    if not trigger.send_trigger(trigger.qmgr_socket(cfg), request):
+        _fail("cannot flush the queue: the mail system is not running (qmgr socket unavailable)", EX_UNAVAILABLE)
+
+
+def _add_user_commands():
+    from pymta.cli.user import user
+    cli.add_command(user)
+
+
+_add_user_commands()
+
+
 def main(argv=None):
     return cli.main(args=argv, prog_name="pymta", standalone_mode=True)
