@@ -17,8 +17,6 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# maildir-deduplicate 2.2.0's wheel metadata is rejected by pip >= 24.1.
-	$(VENV)/bin/pip install -q 'pip<24.1'
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 

@@ -4,6 +4,7 @@ SYNOPSIS
     pymta init DIR [--hostname H] [--domain D] [--listen ADDR] [--port-offset N]
     pymta [-c DIR/etc] start [--foreground] | stop | reload | status | check | flush
     pymta [-c DIR/etc] user add|passwd|del|list [ADDRESS]
+    pymta [-c DIR/etc] dedup [--apply] ADDRESS
 
 DESCRIPTION
     init     makes a self-contained instance in DIR: etc/ (main.cf, master.cf,
@@ -17,6 +18,7 @@ DESCRIPTION
     check    validates configuration, paths, modes and owners.
     flush    asks qmgr to retry every deferred message now.
     user     manages the virtual mailbox users in etc/users.
+    dedup    removes exact duplicate messages from a mailbox (mdedup).
 
 READS, WRITES
     The instance directories; run_directory/master.pid (read).
@@ -286,8 +288,10 @@ def flush(config_dir):
 
 
 def _add_user_commands():
+    from pymta.cli.dedup import dedup
     from pymta.cli.user import user
     cli.add_command(user)
+    cli.add_command(dedup)
 
 
 _add_user_commands()
