@@ -175,6 +175,91 @@ def scan_headers(data, max_field=0):
     return HeaderBlock(fields, pos, pos < n and data[pos] == 10)
 
 
+def _strip_blanks(text):
+    """White space outside quoted strings removed (`a @ b` is `a@b`)."""
+    out, quoted, i = [], False, 0
+    while i < len(text):
+        c = text[i]
+        if quoted and c == "\\" and i + 1 < len(text):
+            out.append(text[i:i + 2])
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        if quoted or not c.isspace():
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def parse_address_list(text):
+    """The addresses of an RFC 5322 address list (a To: value, or a
+    sendmail argument such as `Joe <joe@example.org>, ann`): display
+    names, comments and group names dropped, `<...>` taken when present,
+    source routes removed, quoted local parts kept.  Never raises; what
+    comes out still needs a syntax check (cleanup does it)."""
+    out = []
+    plain, angle = [], None
+    in_angle = False
+    i, n = 0, len(text)
+
+    def finish():
+        addr = "".join(angle if angle is not None else plain)
+        addr = _strip_blanks(addr)
+        if addr.startswith("@") and ":" in addr:
+            addr = addr.split(":", 1)[1]
+        if addr:
+            out.append(addr)
+
+    while i < n:
+        c = text[i]
+        target = angle if in_angle else plain
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            target.append(text[i:j + 1])
+            i = j + 1
+        elif c == "(":
+            depth, j = 1, i + 1
+            while j < n and depth:
+                if text[j] == "\\":
+                    j += 1
+                elif text[j] == "(":
+                    depth += 1
+                elif text[j] == ")":
+                    depth -= 1
+                j += 1
+            target.append(" ")
+            i = j
+        elif c == "[":
+            j = text.find("]", i)
+            j = n if j < 0 else j + 1
+            target.append(text[i:j])
+            i = j
+        elif in_angle:
+            if c == ">":
+                in_angle = False
+            else:
+                angle.append(c)
+            i += 1
+        elif c == "<":
+            in_angle, angle = True, []
+            i += 1
+        elif c in ",;":
+            finish()
+            plain, angle = [], None
+            i += 1
+        elif c == ":":
+            plain, angle = [], None          # a group: its name is no address
+            i += 1
+        else:
+            plain.append(c)
+            i += 1
+    finish()
+    return out
+
+
 _TO_FIELDS = (b"to", b"cc", b"bcc")
 _RESENT_FIELDS = (b"resent-to", b"resent-cc", b"resent-bcc")
 
@@ -197,7 +282,7 @@ def extract_recipients(data, max_field=0):
         if name in (b"bcc", b"resent-bcc"):
             drop.append((start, end))
     values = resent if resent else normal
-    addresses = [addr for _name, addr in email.utils.getaddresses(values) if addr]
+    addresses = [a for value in values for a in parse_address_list(value)]
     if drop:
         parts, pos = [], 0
         for start, end in drop:
@@ -455,7 +540,7 @@ class Cleanup:
     # -- the entry point ------------------------------------------------------
 
     def submit(self, sender, recipients, content, origin=None, attrs=None,
-               local_submission=False):
+               local_submission=False, arrival_time=None):
         """Queue a message; return its queue id once it is on disk.
 
         sender: the envelope sender ("" or "<>": the null sender);
@@ -463,7 +548,9 @@ class Cleanup:
         orcpt; content: the message (bytes, CRLF or LF line endings);
         origin: an Origin (default: made by pymta itself, "local");
         attrs: extra queue file attributes (name -> str);
-        local_submission: add missing Date, Message-Id and From."""
+        local_submission: add missing Date, Message-Id and From;
+        arrival_time: when the message arrived, if earlier than now (pickup
+        keeps the time sendmail wrote a maildrop file)."""
         cfg = self.cfg
         recipients = list(recipients)
         origin = origin if origin is not None else Origin()
@@ -487,7 +574,7 @@ class Cleanup:
         if len(recipients) == 1:
             rcpt_for = rcpts[0][1] or rcpts[0][0]
         try:
-            writer = self.queue.create("incoming")
+            writer = self.queue.create("incoming", arrival_time)
         except OSError as e:
             raise self._write_error(e) from None
         with writer:

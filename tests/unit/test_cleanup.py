@@ -499,3 +499,28 @@ def test_extract_recipients_prefers_resent_headers():
 def test_extract_recipients_group_syntax():
     rcpts, _ = extract_recipients(b"To: undisclosed-recipients:;\nCc: team: a@x.example, b@x.example;\n\n")
     assert rcpts == ["a@x.example", "b@x.example"]
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("alice", ["alice"]),
+    ("a@x.example, b@y.example", ["a@x.example", "b@y.example"]),
+    ("Joe Q. Public <joe@x.example>", ["joe@x.example"]),
+    ('"Smith, Jane" <jane@x.example>, bob@x.example (Bob)', ["jane@x.example", "bob@x.example"]),
+    ("team: a@x.example, B <b@x.example>;, c@x.example", ["a@x.example", "b@x.example", "c@x.example"]),
+    ("<@relay.example,@r2.example:u@x.example>", ["u@x.example"]),
+    ('"odd \\" one"@x.example', ['"odd \\" one"@x.example']),
+    ("user@[192.0.2.1]", ["user@[192.0.2.1]"]),
+    ("<>", []),
+    ("undisclosed-recipients:;", []),
+    ("a@x.example,", ["a@x.example"]),
+])
+def test_parse_address_list(text, expect):
+    from pymta.core.cleanup import parse_address_list
+    assert parse_address_list(text) == expect
+
+
+def test_submit_keeps_the_arrival_time(env):
+    c = env.cleanup()
+    qid = c.submit("a", ["b@example.org"], b"\n", LOCAL, arrival_time=1_700_000_000.5)
+    with env.open(qid) as f:
+        assert f.arrival_time == 1_700_000_000.5
