@@ -1,0 +1,570 @@
+"""The smtpd server and one SMTP session: the asyncio driver of the engine.
+
+`Server` holds what one smtpd process shares between its connections (the
+restriction lists, the TLS context, the users file, the connection
+counters, the cleanup library); `Session` drives the sans-IO engine
+(pymta.core.proto.smtp_server) for one connection:
+
+    read what the client sent  ->  engine.feed()
+    events: Reply -> collect; decisions -> policy -> accept()/reject();
+            StartTLS -> handshake; Close -> write and end
+    nothing more to do         ->  one write of all collected replies
+
+so a pipelined group of commands gets one write, and reading stops while
+a decision is being made (the transport is paused around every wait: the
+cleanup call, a password check, DNS, an error delay), which also means no
+plaintext can slip in between STARTTLS and the handshake.
+
+A message is handed to cleanup in a worker thread (it fsyncs the queue
+file); "250 2.0.0 Ok: queued as QID" is written only after it returned.
+"""
+
+import asyncio
+import ipaddress
+import ssl
+
+from pymta.core import log, tls
+from pymta.core.address import decode_xtext
+from pymta.core.cleanup import Cleanup, Origin, Rcpt
+from pymta.core.errors import ConfigError, PermFail, TempFail
+from pymta.core.proto.smtp_server import (
+    AuthResponse, AuthStart, Close, CloseReason, Helo, MailFrom, Message, RcptTo, Reply,
+    ServerSettings, SMTPServer, StartTLS, State, Vrfy, printable,
+)
+from pymta.core.sasl import Challenge, SaslCancelled, SaslDecodeError, SaslError, UnknownMechanism
+from pymta.services.smtpd import sasl_glue
+from pymta.services.smtpd.policy import (
+    ClientLimits, NetworkList, Policy, Request, local_header_rewrite,
+)
+
+READ_SIZE = 4 << 20         # more than the stream reader ever buffers: one read takes it all
+WRITE_HIGH = 256 << 10      # wait for the client to read when this much is unsent
+
+
+class Server:
+    """Everything one smtpd process shares between its sessions."""
+
+    def __init__(self, ctx):
+        cfg = ctx.cfg
+        self.cfg = cfg
+        self.service = ctx.service_name
+        self.hostname = cfg.myhostname
+        self.banner = cfg.smtpd_banner
+        self.timeout = max(1, cfg.smtpd_timeout)
+        self.error_sleep = cfg.smtpd_error_sleep_time
+        self.peername_lookup = cfg.smtpd_peername_lookup
+        self.policy = Policy(cfg)
+        for problem in self.policy.problems:
+            log.warning(problem)
+        self.limits = ClientLimits(cfg.smtpd_client_connection_count_limit,
+                                   cfg.smtpd_client_connection_rate_limit,
+                                   cfg.anvil_rate_time_unit,
+                                   NetworkList(cfg.smtpd_client_event_limit_exceptions, cfg))
+        self.bare_newline_exempt = NetworkList(cfg.smtpd_forbid_bare_newline_exclusions, cfg)
+        self.level = cfg.smtpd_tls_security_level.strip().lower()
+        if self.level not in ("none", "may", "encrypt"):
+            raise ConfigError(*cfg.where("smtpd_tls_security_level"),
+                              f"smtpd_tls_security_level: unknown level '{self.level}' "
+                              "(use none, may or encrypt)")
+        self.wrappermode = cfg.smtpd_tls_wrappermode
+        self.tls = self._tls_context()
+        self.sasl = sasl_glue.SaslServer(cfg) if cfg.smtpd_sasl_auth_enable else None
+        self.auth_required = cfg.smtpd_sasl_auth_required
+        self.cleanup = Cleanup(cfg)
+        base = ServerSettings(
+            line_length_limit=max(512, cfg.line_length_limit),
+            message_size_limit=cfg.message_size_limit,
+            recipient_limit=max(1, cfg.smtpd_recipient_limit),
+            soft_error_limit=max(1, cfg.smtpd_soft_error_limit),
+            hard_error_limit=max(1, cfg.smtpd_hard_error_limit),
+            vrfy_enabled=not cfg.disable_vrfy_command,
+            starttls_available=self.tls is not None and not self.wrappermode and self.level != "none",
+            tls_active=self.wrappermode,
+            auth_mechanisms=self.sasl.mechanisms if self.sasl else (),
+            auth_requires_tls=cfg.smtpd_tls_auth_only,
+            forbid_bare_newline=cfg.smtpd_forbid_bare_newline,
+            forbid_unauth_pipelining=cfg.smtpd_forbid_unauth_pipelining,
+            strict_rfc821_envelopes=cfg.strict_rfc821_envelopes,
+            helo_required=cfg.smtpd_helo_required,
+        )
+        exempt = _replace(base, forbid_bare_newline=False)
+        self.settings = {False: base, True: exempt}
+        # The engine answers AUTH before TLS with "503 authentication not
+        # enabled"; Postfix with smtpd_tls_security_level=encrypt says "530
+        # 5.7.0 Must issue a STARTTLS command first".  To give that answer,
+        # the engine runs with AUTH allowed before TLS and smtpd refuses it
+        # (AuthStart); EHLO replies are made with the strict settings, so
+        # AUTH is still only advertised inside TLS.
+        self.auth_tls_gate = bool(self.sasl) and base.auth_requires_tls and not self.wrappermode
+        self.gate_settings = {k: _replace(v, auth_requires_tls=False)
+                              for k, v in self.settings.items()}
+
+    def _tls_context(self):
+        cfg = self.cfg
+        if self.level == "none" and not self.wrappermode:
+            return None
+        try:
+            return tls.ReloadableServerContext(cfg.smtpd_tls_cert_file, cfg.smtpd_tls_key_file,
+                                               cfg.smtpd_tls_protocols)
+        except ConfigError as e:
+            if self.wrappermode:
+                raise
+            log.warning(f"TLS disabled: {e}")
+            return None
+
+    @property
+    def wrapper_context(self):
+        """The context for implicit TLS listeners (smtpd_tls_wrappermode)."""
+        return self.tls.context if self.wrappermode else None
+
+    async def handle(self, conn):
+        await Session(self, conn).run()
+
+
+def _replace(settings, **changes):
+    import dataclasses
+    return dataclasses.replace(settings, **changes)
+
+
+def _normal_address(addr):
+    """IPv4-mapped IPv6 addresses as IPv4, like Postfix's smtpd."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+class _Lost(Exception):
+    """The client went away (or the TLS handshake failed): end quietly."""
+
+
+class Session:
+    """One SMTP connection (see the module docstring)."""
+
+    def __init__(self, server, conn):
+        self.server = server
+        self.conn = conn
+        self.writer = conn.writer
+        self.reader = conn.reader
+        self.loop = asyncio.get_running_loop()
+        addr = _normal_address(conn.peer_addr) if conn.peer_addr else "unknown"
+        local = conn.local[0] if isinstance(conn.local, tuple) else ""
+        self.req = Request(addr, "unknown", _normal_address(local) if local else "")
+        self.out = []
+        self.paused = False
+        self.where = "CONNECT"
+        self.tls_info = ""
+        self.auth = None
+        self.engine = None
+        self.gated = False
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self):
+        srv = self.server
+        req = self.req
+        req.client_name = await self._client_name(req.client_addr)
+        exempt = srv.bare_newline_exempt.match(req.client_addr, req.client_name)
+        self.gated = srv.auth_tls_gate
+        settings = (srv.gate_settings if self.gated else srv.settings)[exempt]
+        self.strict_settings = srv.settings[exempt]
+        self.engine = SMTPServer(srv.hostname, settings)
+        log.info(f"connect from {req.namaddr}")
+        over = srv.limits.connect(req.client_addr, req.client_name)
+        try:
+            await self._session(over)
+        except _Lost:
+            self._log_lost()
+        except (ConnectionError, OSError) as e:
+            log.verbose(f"{req.namaddr}: {e}")
+            self._log_lost()
+        finally:
+            srv.limits.disconnect(req.client_addr)
+            if self.writer is not self.conn.writer and not self.writer.is_closing():
+                self.writer.close()
+            log.info(f"disconnect from {req.namaddr} {self.engine.counters()}")
+
+    async def _session(self, over):
+        srv, e, req = self.server, self.engine, self.req
+        if srv.wrappermode:
+            e.tls_started(*self._tls_established(self.writer.transport))
+        if over:
+            what, n = over
+            kind = "concurrency" if what == "count" else "rate"
+            log.warning(f"Connection {kind} limit exceeded: {n} from {req.namaddr}"
+                        f" for service {srv.service}")
+            e.greeting_reject(421, "4.7.0", f"{srv.hostname} Error: too many connections"
+                                            f" from {req.client_addr}")
+        else:
+            verdict = await srv.policy.check_connect(req)
+            if verdict is not None:
+                self._log_reject("CONNECT", verdict)
+                e.greeting_reject(verdict.code, verdict.dsn, verdict.text)
+            else:
+                e.greeting_ok(srv.banner)
+        await self.pump()
+        reader = self.reader
+        timeout = srv.timeout
+        while not e.closed:
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await reader.read(READ_SIZE)
+            except TimeoutError:
+                e.timeout()
+                await self.pump()
+                return
+            if not data:
+                raise _Lost()
+            e.feed(data)
+            await self.pump()
+
+    async def pump(self):
+        """Handle every event the engine has; then write the replies at once."""
+        e = self.engine
+        out = self.out
+        while True:
+            ev = e.next_event()
+            if ev is None:
+                break
+            kind = type(ev)
+            if kind is Reply:
+                if ev.delay:
+                    await self.flush()
+                    self.pause()
+                    await asyncio.sleep(self.server.error_sleep)
+                out.append(ev.data)
+                if ev.code == 354:
+                    self.where = "DATA"
+            elif kind is Close:
+                await self.flush()
+                self._closed(ev)
+                return
+            elif kind is StartTLS:
+                await self._starttls()
+            else:
+                await self.decisions[kind](self, ev)
+        if out:
+            await self.flush()
+        if self.paused:
+            self.paused = False
+            self.writer.transport.resume_reading()
+
+    def pause(self):
+        """Stop reading from the client until pump() is done."""
+        if not self.paused:
+            self.paused = True
+            self.writer.transport.pause_reading()
+
+    async def flush(self):
+        out = self.out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        w = self.writer
+        w.write(data)
+        if w.transport.get_write_buffer_size() > WRITE_HIGH:
+            self.pause()
+            await w.drain()
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    async def on_helo(self, ev):
+        e, req = self.engine, self.req
+        self.where = "EHLO" if ev.esmtp else "HELO"
+        req.helo = ev.name
+        verdict = await self.server.policy.check_helo(req)
+        if verdict is not None:
+            self._log_reject(self.where, verdict)
+            req.helo = e.helo_name
+            e.reject(verdict.code, verdict.dsn, verdict.text)
+            return
+        req.sender = None
+        if self.gated:
+            lax = e.settings
+            e.settings = self.strict_settings
+            try:
+                e.accept()
+            finally:
+                e.settings = lax
+        else:
+            e.accept()
+
+    async def on_mail(self, ev):
+        srv, e, req = self.server, self.engine, self.req
+        self.where = "MAIL"
+        if srv.level == "encrypt" and not e.tls_active:
+            e.reject(530, "5.7.0", "Must issue a STARTTLS command first")
+            return
+        if srv.auth_required and not req.sasl_username:
+            e.reject(530, "5.7.0", "Authentication required")
+            return
+        req.sender = ev.address
+        verdict = await srv.policy.check_mail(req)
+        if verdict is not None:
+            self._log_reject("MAIL", verdict)
+            req.sender = None
+            e.reject(verdict.code, verdict.dsn, verdict.text)
+            return
+        e.accept()
+
+    async def on_rcpt(self, ev):
+        self.where = "RCPT"
+        verdict = await self.server.policy.check_rcpt(self.req, ev.address)
+        if verdict is not None:
+            self._log_reject("RCPT", verdict, ev.address)
+            self.engine.reject(verdict.code, verdict.dsn, verdict.text)
+            return
+        self.engine.accept()
+
+    async def on_vrfy(self, ev):
+        self.where = "VRFY"
+        verdict = self.server.policy.check_vrfy(ev.address)
+        if verdict is not None:
+            self._log_reject("VRFY", verdict, ev.address)
+            self.engine.reject(verdict.code, verdict.dsn, verdict.text)
+            return
+        self.engine.accept()
+
+    async def on_message(self, ev):
+        srv, e, req = self.server, self.engine, self.req
+        self.where = "BDAT" if ev.chunked else "DATA"
+        verdict = await srv.policy.check_data(req)
+        if verdict is not None:
+            self._log_reject("DATA", verdict)
+            e.reject(verdict.code, verdict.dsn, verdict.text)
+            return
+        origin = Origin(protocol=self._protocol(), client_name=req.client_name,
+                        client_addr=req.client_addr, helo=e.helo_name or "",
+                        sasl_method=req.sasl_method, sasl_username=req.sasl_username,
+                        tls_info=self.tls_info)
+        rcpts = [Rcpt(addr, params.get("NOTIFY"), params.get("ORCPT"))
+                 for addr, params in ev.recipients]
+        attrs = _message_attrs(ev.mail_params)
+        local = local_header_rewrite(srv.cfg, srv.policy, req)
+        await self.flush()
+        self.pause()
+        try:
+            qid = await self.loop.run_in_executor(None, srv.cleanup.submit, ev.mail_from,
+                                                  rcpts, ev.data, origin, attrs, local)
+        except PermFail as err:
+            code = 552 if err.dsn == "5.3.4" else 554 if err.dsn.startswith("5.4.") else 550
+            self._reject_message(code, err.dsn, f"Error: {err.text}", ev)
+        except TempFail as err:
+            code = 452 if err.dsn == "4.3.1" else 451
+            self._reject_message(code, err.dsn, f"Error: {err.text}", ev)
+        else:
+            e.accept(f"Ok: queued as {qid}")
+        self.where = "END-OF-MESSAGE"
+        req.sender = None
+
+    def _reject_message(self, code, dsn, text, ev):
+        dsn = f"{str(code)[0]}{dsn[1:]}"
+        first = ev.recipients[0][0] if ev.recipients else None
+        self._log_reject("END-OF-MESSAGE", f"{code} {dsn} {text}", first, sender=ev.mail_from)
+        self.engine.reject(code, dsn, text)
+
+    async def on_auth_start(self, ev):
+        srv, e, req = self.server, self.engine, self.req
+        self.where = "AUTH"
+        if not e.tls_active and self.gated:
+            e.auth_done(False, sasl_glue.S530_TLS_FIRST)
+            return
+        if srv.sasl.throttle.refused_for(req.client_addr):
+            log.warning(f"{req.namaddr}: SASL {ev.mechanism} authentication refused:"
+                        " too many failed authentications")
+            e.auth_done(False, sasl_glue.S454_REFUSED)
+            return
+        try:
+            self.auth = sasl_glue.AuthExchange(srv.sasl, ev.mechanism)
+        except UnknownMechanism:
+            e.auth_done(False, sasl_glue.S504_MECH)
+            return
+        try:
+            out = self.auth.start(ev.initial_response)
+        except SaslError as err:
+            await self._auth_error(err)
+            return
+        await self._auth_next(out)
+
+    async def on_auth_response(self, ev):
+        self.where = "AUTH"
+        try:
+            out = self.auth.step(ev.data)
+        except SaslError as err:
+            await self._auth_error(err)
+            return
+        await self._auth_next(out)
+
+    async def _auth_next(self, out):
+        e, req, auth = self.engine, self.req, self.auth
+        if isinstance(out, Challenge):
+            auth.last_challenge = out.data
+            e.auth_continue(out.data)
+            return
+        await self.flush()
+        self.pause()
+        try:
+            verdict = await sasl_glue.verify(self.loop, self.server.sasl, out)
+        except sasl_glue.UsersFileError as err:
+            log.warning(f"{req.namaddr}: SASL {auth.mechanism} authentication failed:"
+                        f" temporary failure ({err})")
+            self.auth = None
+            e.auth_done(False, sasl_glue.S454_TEMP)
+            return
+        if verdict.ok:
+            self.server.sasl.throttle.success(req.client_addr)
+            req.sasl_username = verdict.user
+            req.sasl_method = auth.mechanism
+            self.auth = None
+            e.auth_done(True)
+            return
+        log.verbose(f"{req.namaddr}: SASL {auth.mechanism} login failed: {verdict.status.value}")
+        await self._auth_failed()
+
+    async def _auth_error(self, err):
+        if isinstance(err, SaslCancelled):
+            self.auth = None
+            self.engine.auth_done(False, sasl_glue.S501_ABORT)
+        elif isinstance(err, SaslDecodeError):
+            self.auth = None
+            self.engine.auth_done(False, sasl_glue.S501_DECODE)
+        else:
+            log.verbose(f"{self.req.namaddr}: SASL {self.auth.mechanism}: {err.reason}")
+            await self._auth_failed()
+
+    async def _auth_failed(self):
+        req, auth = self.req, self.auth
+        self.auth = None
+        text = auth.failure_text()
+        log.warning(f"{req.namaddr}: SASL {auth.mechanism} authentication failed: {text}")
+        penalty = self.server.sasl.throttle.failure(req.client_addr)
+        if penalty.refused_for:
+            log.warning(f"{req.namaddr}: {penalty.failures} failed authentications:"
+                        f" refused for {int(penalty.refused_for)}s")
+        await self.flush()
+        self.pause()
+        await asyncio.sleep(penalty.delay)
+        self.engine.auth_done(False, (535, "5.7.8", f"Error: authentication failed: {text}"))
+
+    decisions = {Helo: on_helo, MailFrom: on_mail, RcptTo: on_rcpt, Vrfy: on_vrfy,
+                 Message: on_message, AuthStart: on_auth_start, AuthResponse: on_auth_response}
+
+    # -- TLS ------------------------------------------------------------------------------------
+
+    async def _starttls(self):
+        srv, req = self.server, self.req
+        self.where = "STARTTLS"
+        out = self.out
+        if out:
+            self.writer.write(b"".join(out))
+            out.clear()
+        transport = self.writer.transport
+        protocol = transport.get_protocol()
+        try:
+            new = await self.loop.start_tls(transport, protocol, srv.tls.context, server_side=True,
+                                            ssl_handshake_timeout=srv.timeout)
+        except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as err:
+            log.info(f"SSL_accept error from {req.namaddr}: {err}")
+            raise _Lost() from None
+        # What StreamWriter.start_tls() does; it cannot be used here because
+        # it takes the stream for a client's when the protocol was made
+        # without a client_connected_cb, as the runtime skeleton makes it.
+        writer = asyncio.StreamWriter(new, protocol, self.reader, self.loop)
+        protocol._replace_writer(writer)
+        self.writer = writer
+        self.engine.tls_started(*self._tls_established(new))
+        req.helo = None
+        req.sender = None
+        req.sasl_username = ""
+        req.sasl_method = ""
+
+    def _tls_established(self, transport):
+        """Log the new TLS session; (version, cipher) for the engine."""
+        self.req.tls = True
+        info = tls.tls_info(transport.get_extra_info("ssl_object"))
+        if info is None:
+            return None, None
+        self.tls_info = str(info)
+        log.info(tls.established_message(info, self.req.namaddr))
+        return info.version, f"{info.cipher} ({info.bits}/{info.bits} bits)"
+
+    # -- names and logs -------------------------------------------------------------------------
+
+    async def _client_name(self, addr):
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return "unknown"
+        if ip.is_loopback:
+            return "localhost"
+        if not self.server.peername_lookup:
+            return "unknown"
+        return await self.server.policy.dns.client_name(addr)
+
+    def _protocol(self):
+        e = self.engine
+        if not e.esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if e.tls_active else "") + ("A" if self.req.sasl_username else "")
+
+    def _log_reject(self, stage, verdict, rcpt=None, sender=None):
+        req = self.req
+        tail = []
+        sender = req.sender if sender is None else sender
+        if sender is not None and stage != "CONNECT":
+            tail.append(f"from=<{printable(sender, 300)}>")
+        if rcpt is not None:
+            tail.append(f"to=<{printable(rcpt, 300)}>")
+        tail.append(f"proto={'ESMTP' if self.engine.esmtp or stage == 'EHLO' else 'SMTP'}")
+        if req.helo is not None:
+            tail.append(f"helo=<{printable(req.helo)}>")
+        log.info(f"NOQUEUE: reject: {stage} from {req.namaddr}: {verdict}; {' '.join(tail)}")
+
+    def _log_lost(self):
+        e = self.engine
+        if e is not None and e.state is State.DATA:
+            self.where = "DATA"
+        elif e is not None and e.state is State.BDAT:
+            self.where = "BDAT"
+        log.info(f"lost connection after {self.where} from {self.req.namaddr}")
+
+    def _closed(self, ev):
+        namaddr = self.req.namaddr
+        reason = ev.reason
+        if reason is CloseReason.QUIT:
+            self.where = "QUIT"
+        elif reason is CloseReason.PIPELINING:
+            head, _, rest = ev.detail.partition(": ")
+            log.info(f"{head} from {namaddr}: {rest}")
+        elif reason is CloseReason.NON_SMTP:
+            log.warning(f"non-SMTP command from {namaddr}: {ev.detail}")
+        elif reason is CloseReason.TIMEOUT:
+            log.info(f"timeout after {self.where} from {namaddr}")
+        elif reason is CloseReason.ERROR_LIMIT:
+            log.info(f"too many errors after {self.where} from {namaddr}")
+        elif reason in (CloseReason.BARE_LF, CloseReason.BARE_CR):
+            where = "DATA" if self.where in ("DATA", "BDAT") else self.where
+            log.info(f"{reason.value} after {where} from {namaddr}")
+        elif reason is CloseReason.OVERFLOW:
+            log.warning(f"{reason.value} after {self.where} from {namaddr}")
+
+
+def _message_attrs(params):
+    """Queue file attributes from MAIL FROM parameters (RFC 3461, 6152, 6531)."""
+    attrs = {}
+    ret = params.get("RET")
+    if ret:
+        attrs["ret"] = ret.upper()
+    envid = params.get("ENVID")
+    if envid:
+        attrs["envid"] = decode_xtext(envid)
+    body = params.get("BODY")
+    if body:
+        attrs["body_type"] = body.upper()
+    if "SMTPUTF8" in params:
+        attrs["smtputf8"] = "yes"
+    return attrs
