@@ -384,9 +384,9 @@ def submit_to_pickup(cfg, sender, rcpts, content, attrs, timeout=PICKUP_TIMEOUT)
         try:
             s.sendall(ipc.encode(pairs))
             s.sendall(content)
-        except (BrokenPipeError, ConnectionResetError):
-            # pickup may have refused early (too big) and said why.
-            pass
+        except (BrokenPipeError, ConnectionResetError) as e:
+            # pickup may have refused early (too big) and said why: read on.
+            log.verbose(f"pickup: send: {e.strerror}")
         except OSError as e:
             log.verbose(f"pickup: send: {e}")
             return None
@@ -577,11 +577,14 @@ def run_program(name, cfg, args):
 
 def _setup_logging(cfg, verbose):
     """Log to maillog_file when this user may write it (errors also go to
-    stderr); a user who may not just gets stderr."""
+    stderr); a user who may not just gets stderr.  -v -v: verbose lines,
+    on stderr too."""
     path = cfg.maillog_file
     if path and os.access(path, os.W_OK):
-        log.setup("sendmail", cfg, verbose=verbose)
+        log.setup("sendmail", cfg, stderr=verbose, verbose=verbose)
         return True
+    if verbose:
+        log.setup("sendmail", None, stderr=True, verbose=True)
     return False
 
 

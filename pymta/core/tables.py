@@ -410,8 +410,8 @@ class SqliteTable(Table):
             conn = self._current()
             try:
                 return list(conn.execute("SELECT key, value FROM map ORDER BY rowid"))
-            except sqlite3.OperationalError:
-                return list(conn.execute("SELECT key, value FROM map"))
+            except sqlite3.Error as e:
+                raise ConfigError(self.db_path, None, f"cannot list: {e}") from None
 
 
 class InlineTable(Table):

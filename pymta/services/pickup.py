@@ -175,7 +175,7 @@ class Pickup:
         try:
             self.queue.to_corrupt("maildrop", name, reason)
         except FileNotFoundError:
-            return
+            return          # removed meanwhile (by its owner): nothing to keep
         log.warning(f"maildrop/{name}: {reason} -- moved to corrupt/")
 
     def pickup_file(self, name):
@@ -183,7 +183,7 @@ class Pickup:
         try:
             qf = self.queue.read_maildrop(name, max_content=self.max_size)
         except FileNotFoundError:
-            return
+            return          # taken by another pickup since the scan listed it
         except QueueFileError as e:
             self.corrupt(name, str(e))
             return
@@ -250,7 +250,8 @@ class Pickup:
             if 0 < len(e.partial) <= TRIGGER_MAX and self.wake is not None:
                 self.wake.set()
             return
-        except (asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
+        except (asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError) as e:
+            log.verbose(f"pickup connection dropped: {type(e).__name__}")
             return
         if first != REQUEST_SUBMIT:
             log.warning(f"unexpected request {first[:40]!r} on the pickup socket")
