@@ -24,7 +24,7 @@ venv: $(STAMP)
 
 run: $(STAMP)
 	@test -f run/etc/main.cf || $(VENV)/bin/pymta init run
-	@echo "pymta: ports: smtp 2525, submission 2587/2465, pop3 2110/2995, imap 2143/2993 on 127.0.0.1"
+	@echo "pymta: ports: smtp 2525, submission 2587 and 2465 (TLS), pop3 2110 and 2995 (TLS) on 127.0.0.1"
 	@echo "pymta: first message, from another terminal:"
 	@echo "  $(VENV)/bin/pymta -c run/etc user add you@$$($(VENV)/bin/postconf -c run/etc -h mydomain) <<< 'a password'"
 	@echo "  echo 'Subject: hello' | $(VENV)/bin/sendmail -C run/etc you@$$($(VENV)/bin/postconf -c run/etc -h mydomain)"
