@@ -29,7 +29,7 @@ import shutil
 import subprocess
 
 from tests.bench.util import (
-    LOOPBACK, BenchError, cmdline, port_open, read_pid, run, run_daemon, wait_for,
+    LOOPBACK, BenchError, cmdline, port_listening, read_pid, run, run_daemon, wait_for,
 )
 
 BENCH_DOMAIN = "bench.example"
@@ -215,7 +215,7 @@ class Postfix:
         run_daemon(["postfix", "-c", self.etc, "start"], os.path.join(self.top, "log", "start.log"))
         self.started = True
         wait_for(self.master_pid, 30, what="Postfix master pid")
-        wait_for(lambda: port_open(self.smtp_port), 30, what=f"Postfix on port {self.smtp_port}")
+        wait_for(lambda: port_listening(self.smtp_port), 30, what=f"Postfix on port {self.smtp_port}")
 
     def stop(self):
         if not self.started and not self.master_pid():
@@ -273,7 +273,7 @@ class SmtpSink:
         os.makedirs(self.top, exist_ok=True)
         self.log = open(os.path.join(self.top, "smtp-sink.log"), "wb")
         self.proc = subprocess.Popen(self.args(), stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 15,
+        wait_for(lambda: port_listening(self.port) or self.proc.poll() is not None, 15,
                  what="smtp-sink to listen")
         if self.proc.poll() is not None:
             raise BenchError(f"{cmdline(self.args())} exited {self.proc.returncode}")
@@ -383,7 +383,7 @@ class Dovecot:
         run_daemon(["dovecot", "-c", self.conf], os.path.join(self.top, "log", "start.log"), 60)
         self.started = True
         wait_for(self.master_pid, 30, what="Dovecot master pid")
-        wait_for(lambda: port_open(self.pop3_port), 30, what=f"Dovecot on port {self.pop3_port}")
+        wait_for(lambda: port_listening(self.pop3_port), 30, what=f"Dovecot on port {self.pop3_port}")
 
     def stop(self):
         if not self.started and not self.master_pid():

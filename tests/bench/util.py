@@ -111,11 +111,14 @@ def free_port(taken=(), low=20000, high=32000):
     raise BenchError("no free loopback port found")
 
 
-def free_offset(bases, low=33000, high=39000, step=10):
-    """A port offset N at which every port in `bases` (+N) is free."""
+def free_offset(bases, taken=(), low=18000, high=29500, step=10):
+    """A port offset N at which every port in `bases` (+N) is free and not
+    in `taken` (all below the kernel's usual ephemeral range, 32768 up, so
+    that TIME_WAIT connections of the load never sit on a listening port)."""
     for _ in range(500):
-        offset = random.randrange(low, high, step) - min(bases)
-        if offset > 0 and all(port_free(b + offset) for b in bases):
+        offset = random.randrange(low, high, step)
+        ports = [b + offset for b in bases]
+        if not set(ports) & set(taken) and all(port_free(p) for p in ports):
             return offset
     raise BenchError("no free port range found")
 
@@ -126,6 +129,23 @@ def port_open(port, host=LOOPBACK, timeout=0.5):
             return True
     except OSError:
         return False
+
+
+def port_listening(port, host=LOOPBACK):
+    """True if a socket listens on host:port (read from /proc/net/tcp, so
+    that no connection is made: Postfix would start an smtpd for one)."""
+    want = "%08X:%04X" % (int.from_bytes(socket.inet_aton(host), "little"), port)
+    any_addr = "00000000:%04X" % port
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == "0A" and fields[1] in (want, any_addr):
+                    return True
+    except (OSError, StopIteration, IndexError):
+        return False
+    return False
 
 
 def smtp_banner(port, host=LOOPBACK, timeout=5.0):
@@ -326,58 +346,95 @@ class PssSampler:
         self.sample()
 
 
-def run_client(args, timeout):
-    """Run a load generator; returns (exit code, wall seconds, CPU seconds
-    of it and its children, stdout, stderr).  Killed (by its own pid) if it
-    outlives `timeout`."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-    out_chunks, err_chunks = [], []
+class Generator:
+    """A load generator run as a child: wall time from start to exit, and
+    the CPU seconds of it and its children (wait4).  Killed, by its own
+    pid, if it outlives its time limit or the harness is interrupted."""
 
-    def drain(stream, chunks):
-        for chunk in iter(lambda: stream.read(65536), b""):
-            chunks.append(chunk)
+    def __init__(self, args):
+        self.args = [str(a) for a in args]
+        self.returncode = None
+        self.cpu = 0.0
+        self.elapsed = 0.0
+        self.stdout = self.stderr = ""
 
-    readers = [threading.Thread(target=drain, args=(p.stdout, out_chunks), daemon=True),
-               threading.Thread(target=drain, args=(p.stderr, err_chunks), daemon=True)]
-    for r in readers:
-        r.start()
-    # The timer may kill only while the child is unreaped (a zombie keeps
-    # its pid): wait for the exit without reaping, then close the gate.
-    gate = threading.Lock()
-    state = {"reaped": False}
+    def start(self):
+        self._t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL)
+        self._out, self._err = [], []
+        self._readers = [
+            threading.Thread(target=_drain, args=(self.proc.stdout, self._out), daemon=True),
+            threading.Thread(target=_drain, args=(self.proc.stderr, self._err), daemon=True)]
+        for r in self._readers:
+            r.start()
+        return self
 
-    def expire():
-        with gate:
-            if not state["reaped"]:
-                _kill_quiet(p.pid)
+    def running(self):
+        try:
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        except ChildProcessError:
+            return False
+        return info is None
 
-    timer = threading.Timer(timeout, expire)
-    timer.start()
-    try:
-        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
-        with gate:
-            state["reaped"] = True
-            timer.cancel()
-        _pid, status, usage = os.wait4(p.pid, 0)
-    except BaseException:
-        # Ctrl-C or an error here: the generator is still ours and unreaped.
-        with gate:
-            if not state["reaped"]:
-                _kill_quiet(p.pid)
+    def finish(self, timeout):
+        """Wait (at most `timeout` s, then kill) and reap; returns self.
+        Once reaped, further calls return at once."""
+        if self.returncode is not None:
+            return self
+        pid = self.proc.pid
+        # The timer may kill only while the child is unreaped (a zombie keeps
+        # its pid): wait for the exit without reaping, then close the gate.
+        gate = threading.Lock()
+        state = {"reaped": False}
+
+        def expire():
+            with gate:
+                if not state["reaped"]:
+                    _kill_quiet(pid)
+
+        timer = threading.Timer(max(0.0, timeout), expire)
+        timer.start()
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            with gate:
                 state["reaped"] = True
-                os.waitpid(p.pid, 0)
-        raise
-    finally:
-        timer.cancel()
-    elapsed = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    for r in readers:
-        r.join(5)
-    return (p.returncode, elapsed, usage.ru_utime + usage.ru_stime,
-            b"".join(out_chunks).decode(errors="replace"),
-            b"".join(err_chunks).decode(errors="replace"))
+                timer.cancel()
+            _pid, status, usage = os.wait4(pid, 0)
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            timer.cancel()
+        self.elapsed = time.perf_counter() - self._t0
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.returncode
+        self.cpu = usage.ru_utime + usage.ru_stime
+        for r in self._readers:
+            r.join(5)
+        self.stdout = b"".join(self._out).decode(errors="replace")
+        self.stderr = b"".join(self._err).decode(errors="replace")
+        return self
+
+    def kill(self):
+        """Kill and reap the generator if it is still unreaped."""
+        if self.returncode is not None or self.proc.returncode is not None:
+            return
+        try:
+            _kill_quiet(self.proc.pid)
+            os.waitpid(self.proc.pid, 0)
+        except ChildProcessError:
+            return
+        self.proc.returncode = self.returncode = -9
+
+    def describe_failure(self):
+        return (f"{cmdline(self.args)} exited {self.returncode}: "
+                f"{first_line(self.stderr or self.stdout)}")
+
+
+def _drain(stream, chunks):
+    for chunk in iter(lambda: stream.read(65536), b""):
+        chunks.append(chunk)
 
 
 def _kill_quiet(pid):
