@@ -308,3 +308,15 @@ def test_many_concurrent_submissions(inst):
         assert p.returncode == 0, err
         ids.append(re.search(rb"queued as (\w+)", err).group(1).decode())
     assert sorted(ids) == incoming(inst)
+
+
+def test_stale_socket_after_a_crash_falls_back_to_maildrop(inst):
+    inst.start()
+    wait_for(inst.children, what="the pickup process")
+    inst.kill_all()
+    wait_for(lambda: inst.master_pid() is None and not inst.children(), what="the kill")
+    assert os.path.exists(inst.path("run", "public", "pickup"))
+    name = queued_id(sendmail(inst, "-v", "a@test.example", input=b"Subject: crash\n\nx\n"))
+    assert maildrop(inst) == [name]
+    inst.start()
+    wait_for(lambda: incoming(inst) and not maildrop(inst), what="pickup after restart")
