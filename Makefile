@@ -48,7 +48,7 @@ test: $(STAMP) test-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) test-deps
-	$(PY) -m tests.bench.run $(if $(QUICK),--quick,)
+	$(PY) -m tests.bench.run $(if $(QUICK),--quick,) $(if $(ONLY),--only $(ONLY),) $(if $(ROUNDS),--rounds $(ROUNDS),)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

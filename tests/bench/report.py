@@ -79,8 +79,9 @@ HEADER = ["workload", "metric", "system", "median", "min", "max", "ratio pymta/a
 def table_rows(rows):
     out = []
     for row in rows:
-        if row.reason:
-            out.append([row.workload, row.metric, row.system, row.reason, "", "", "", "0",
+        if row.reason or not row.values:
+            out.append([row.workload, f"{row.metric} ({row.better} is better)", row.system,
+                        row.reason or "no samples", "", "", "", "0",
                         "", "", fmt(median(row.fsync))])
             continue
         r = ratio(rows, row)
@@ -95,16 +96,17 @@ def table_rows(rows):
 
 
 def text_table(rows):
-    """The table for the terminal: aligned columns."""
+    """The table for the terminal: aligned columns; a row without samples
+    shows its reason from the median column on."""
     body = table_rows(rows)
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
-              for i, h in enumerate(HEADER)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(HEADER, widths))]
+    measured = [r for r, row in zip(body, rows) if row.values and not row.reason]
+    widths = [max([len(h)] + [len(r[i]) for r in measured]) for i, h in enumerate(HEADER)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(HEADER, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    for r in body:
-        if r[4] == "" and r[3] and r[3][0].isalpha():
-            lines.append("  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]),
-                                    r[2].ljust(widths[2]), r[3]]))
+    for r, row in zip(body, rows):
+        if row.reason or not row.values:
+            # Width of the first three columns comes from the measured rows.
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths[:3])) + "  " + r[3])
         else:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return "\n".join(lines)

@@ -588,7 +588,8 @@ class Bench:
         wait_for(lambda: pf.queue_count("deferred") >= seed, 120,
                  what=f"{seed} messages in Postfix's deferred queue")
         pf.stop()
-        copies = clone_postfix_deferred(pf.spool, n - seed, next_attempt)
+        pw = pwd.getpwnam("postfix")
+        copies = clone_postfix_deferred(pf.spool, n - seed, next_attempt, (pw.pw_uid, pw.pw_gid))
         self.note_command(f"# then {copies} copies of those queue files (and defer logs) "
                           f"under new queue ids, Postfix stopped (tests/bench/workloads.py)")
         pf.start()
@@ -610,11 +611,12 @@ class Bench:
             self.w6()
 
 
-def clone_postfix_deferred(spool, count, next_attempt):
+def clone_postfix_deferred(spool, count, next_attempt, log_owner):
     """Add `count` copies of the files in Postfix's deferred/ (round robin),
     each named by a short queue id (5 hex digits of microseconds, then the
     inode in hex) in the hash_queue_depth = 1 directory (its first
-    character), with a copy of the defer log; mtime = next attempt."""
+    character), with a copy of the defer log owned by `log_owner` (uid,
+    gid); mtime = next attempt.  Copies keep their seed's owner and mode."""
     deferred = os.path.join(spool, "deferred")
     seeds = []
     for d, _sub, files in os.walk(deferred):
@@ -632,7 +634,6 @@ def clone_postfix_deferred(spool, count, next_attempt):
             os.utime(path, (next_attempt, next_attempt))
     if not seeds:
         raise BenchError("no seed messages in Postfix's deferred queue")
-    pw = pwd.getpwnam("postfix")
     for i in range(count):
         data, log, st = seeds[i % len(seeds)]
         tmp = os.path.join(deferred, f".bench-clone-{os.getpid()}")
@@ -658,7 +659,7 @@ def clone_postfix_deferred(spool, count, next_attempt):
             lp = os.path.join(logdir, qid)
             with open(lp, "wb") as f:
                 f.write(log)
-            os.chown(lp, pw.pw_uid, pw.pw_gid)
+            os.chown(lp, *log_owner)
     os.sync()
     return count
 
