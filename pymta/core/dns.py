@@ -36,7 +36,6 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
-import dns.rdatatype
 import dns.resolver
 
 from pymta.core.errors import ConfigError, PermFail, TempFail
