@@ -48,6 +48,7 @@ input; RuntimeError means the driver used the API out of order.
 """
 
 import base64
+import dataclasses
 import enum
 import re
 from collections import deque
@@ -194,11 +195,13 @@ class Reply:
 @dataclass(frozen=True)
 class Failure:
     """Why something did not work: an enhanced status code and Postfix's text.
-    The class of `dsn` (4 or 5) says whether it is temporary."""
+    The class of `dsn` (4 or 5) says whether it is temporary; `stage` is
+    where a session failed (None for failures outside a session)."""
 
     dsn: str
     reason: str
     reply: Reply = None
+    stage: Stage = None
 
     @property
     def temporary(self):
@@ -658,11 +661,12 @@ class SMTPClient:
             self._close()
         elif self.stage is Stage.READY:
             self._close()
-            self._events.append(SessionFailed(failure))
+            self._events.append(SessionFailed(dataclasses.replace(failure, stage=Stage.READY)))
         else:
             self._session_failed(failure, quit=False)
 
     def _session_failed(self, failure, quit=True):
+        failure = dataclasses.replace(failure, stage=self.stage)
         if quit:
             self._events.append(Send(b"QUIT\r\n"))
         self._close()
