@@ -505,14 +505,14 @@ class Bench:
                     continue
                 self.note_command(args)
                 try:
-                    secs, ccpu, scpu, listed = self.mailq_run(system, args)
+                    secs, ccpu, scpu, fs, listed = self.mailq_run(system, args)
                     if listed is not None and listed != n:
                         row.note = f"mailq listed {listed} of {n} messages"
                 except BenchError as e:
                     self.fail(row, e)
                     live[id(row)] = False
                     continue
-                row.add(secs, ccpu, scpu)
+                row.add(secs, ccpu, scpu, fs)
                 self.log(f"  round {rnd + 1} {system.name} mailq: {secs:.2f} s")
 
         # Deliver: Postfix once defer_transports is gone; pymta on flush.
@@ -527,6 +527,7 @@ class Bench:
             self.deliver_all(self.pymta, self.pymta.command("pymta", "flush"), n, dl_py, qm_py)
 
     def mailq_run(self, system, args):
+        fs = fsync_rate(system.top)
         root = system.master_pid()
         cpu0 = tree_cpu_seconds(root) if root else 0.0
         gen = Generator(args)
@@ -536,7 +537,7 @@ class Bench:
         if gen.returncode != 0:
             raise BenchError(gen.describe_failure())
         m = re.search(r"in (\d+) Requests?\.", gen.stdout)
-        return gen.elapsed, gen.cpu, cpu, (int(m.group(1)) if m else None)
+        return gen.elapsed, gen.cpu, cpu, fs, (int(m.group(1)) if m else None)
 
     def deliver_all(self, system, flush_args, n, row, qrow):
         self.note_command(flush_args)
@@ -545,6 +546,7 @@ class Bench:
             self.fail(row, BenchError(f"{system.name} is not running"))
             return
         limit = max(120.0, n / 40.0)
+        fs = fsync_rate(system.top)
         cpu0 = tree_cpu_seconds(root)
         sampler = PssSampler(root, interval=0.5, select=lambda p: "qmgr" in proc_title(p))
         with sampler:
@@ -565,8 +567,8 @@ class Bench:
                 return
             secs = time.perf_counter() - t0
         cpu = tree_cpu_seconds(root) - cpu0
-        row.add(secs, None, cpu)
-        qrow.add(sampler.peak / KIB)
+        row.add(secs, None, cpu, fs)
+        qrow.add(sampler.peak / KIB, None, None, fs)
         self.log(f"  {system.name}: delivered {n} in {secs:.1f} s "
                  f"({n / secs:.0f} msg/s), qmgr PSS peak {sampler.peak / KIB:.0f} MiB")
 
