@@ -188,6 +188,7 @@ _TABLE = [
     # --- pop3d / imapd ---------------------------------------------------------------------------
     _p("pop3d_banner", "str", "$mail_name ready.", "Text after +OK in the POP3 greeting."),
     _p("pop3d_timeout", "time", "600s", "Idle time limit of a POP3 session."),
+    _p("pop3d_tls_wrappermode", "bool", "no", "Implicit TLS on every connection (the pop3s service, port 995)."),
     _p("imapd_timeout", "time", "1800s", "Idle time limit of an IMAP session."),
     _p("disable_plaintext_auth", "bool", "yes", "Refuse plaintext logins without TLS outside login_trusted_networks."),
 ]
