@@ -109,7 +109,10 @@ def main(argv=None):
     os.makedirs(args.dir, exist_ok=True)
     top = tempfile.mkdtemp(prefix="pymta-bench-", dir=args.dir)
     os.chmod(top, 0o755)
-    bench = Bench(settings, top, log=lambda text: print(text, flush=True))
+    def log(text):
+        print(f"[{time.monotonic() - t_start:6.1f}s] {text}", flush=True)
+
+    bench = Bench(settings, top, log=log)
     status = 0
     error = None
     try:
