@@ -545,13 +545,15 @@ class Session:
 
     async def _start_tls(self):
         await self._flush()
-        await self.writer.drain()
         loop = asyncio.get_running_loop()
         transport = self.writer.transport
         protocol = transport.get_protocol()
-        # Plaintext the client sent after STLS and that asyncio has already
-        # read must not be taken as sent under TLS. StreamReader has no
-        # public way to drop its buffer.
+        # Plaintext the client sent after STLS must not be taken as sent
+        # under TLS: stop reading plaintext now (start_tls resumes reading
+        # through TLS), then drop what asyncio has already read. StreamReader
+        # has no public way to drop its buffer.
+        transport.pause_reading()
+        await self.writer.drain()
         buffered = getattr(self.reader, "_buffer", None)
         if buffered:
             self.engine.discarded_after_stls += len(buffered)

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from pymta.core import maildir
-from tests.conftest import run, wait_for
+from tests.conftest import BIN, run, wait_for
 
 USER = "alice@test.example"
 PASSWORD = "correct horse battery"
@@ -62,7 +62,6 @@ def pop3_master_cf(inst, extra=""):
 def pop(instance):
     pop3_master_cf(instance)
     instance.pymta("user", "add", USER, input=PASSWORD + "\n")
-    instance.pymta("user", "add", "bob@test.example", input="bob password\n")
     return instance
 
 
@@ -246,10 +245,8 @@ def test_idle_session_times_out(pop):
 
 # ------------------------------------------------------------------ TLS
 
-def test_mpop_with_stls_keeps_then_deletes(pop, tmp_path):
-    for m in MESSAGES:
-        deliver(pop, m)
-    pop.start()
+def mpop_config(inst, tmp_path):
+    """An mpop account for USER with STLS, delivering to tmp_path/Maildir."""
     target = tmp_path / "Maildir"
     for sub in ("cur", "new", "tmp"):
         (target / sub).mkdir(parents=True)
@@ -258,20 +255,27 @@ def test_mpop_with_stls_keeps_then_deletes(pop, tmp_path):
         defaults
         tls on
         tls_starttls on
-        tls_trust_file {pop.etc}/tls/cert.pem
+        tls_trust_file {inst.etc}/tls/cert.pem
         tls_host_override mx.test.example
         uidls_file {tmp_path}/uidls
         delivery maildir {target}
 
         account test
         host 127.0.0.1
-        port {pop.ports["pop3"]}
+        port {inst.ports["pop3"]}
         user {USER}
         auth plain
         password {PASSWORD}
         """))
     conf.chmod(0o600)
-    mpop = ["mpop", "-C", str(conf), "test"]
+    return ["mpop", "-q", "-C", str(conf), "test"], target
+
+
+def test_mpop_with_stls_keeps_then_deletes(pop, tmp_path):
+    for m in MESSAGES:
+        deliver(pop, m)
+    pop.start()
+    mpop, target = mpop_config(pop, tmp_path)
     run(mpop + ["--keep=on"])
     assert len(os.listdir(target / "new")) == 3
     got = sorted((target / "new" / name).read_bytes() for name in os.listdir(target / "new"))
@@ -286,6 +290,25 @@ def test_mpop_with_stls_keeps_then_deletes(pop, tmp_path):
     log = pop.log()
     assert log.count(f"Login: user=<{USER}>, method=PLAIN, rip=127.0.0.1") == 3
     assert ", TLS, session=<" in log
+
+
+def test_sendmail_local_delivery_then_mpop(instance, tmp_path):
+    """The whole path: sendmail, pickup, qmgr, local into the Maildir, mpop."""
+    instance.pymta("user", "add", USER, input=PASSWORD + "\n")
+    instance.start()
+    body = b"Subject: via sendmail\n\nHello Alice,\n.\nbye\n"
+    run([os.path.join(BIN, "sendmail"), "-C", instance.etc, "-i", "-f", "bob@test.example", USER],
+        input=body)
+    new = os.path.join(mailbox(instance), "new")
+    wait_for(lambda: os.path.isdir(new) and os.listdir(new), what="local delivery")
+    mpop, target = mpop_config(instance, tmp_path)
+    run(mpop + ["--keep=off"])
+    got = [(target / "new" / name).read_bytes() for name in os.listdir(target / "new")]
+    assert len(got) == 1
+    assert got[0].replace(b"\r\n", b"\n").endswith(b"\n\nHello Alice,\n.\nbye\n")
+    assert b"Subject: via sendmail" in got[0]
+    assert files(instance) == {"new": [], "cur": []}
+    assert "retr=1/" in wait_log(instance, "Disconnected: Logged out")
 
 
 def test_pop3s_with_poplib(pop):
@@ -343,6 +366,23 @@ def test_plaintext_sent_after_stls_is_discarded(pop):
         tf.flush()
         assert tf.readline() == b"+OK Logging out.\r\n"
     assert "discarded 6 bytes of plaintext sent after STLS" in wait_log(pop, "discarded")
+
+
+def test_plaintext_between_stls_reply_and_handshake_is_not_a_command(pop):
+    pop.start()
+    with socket.create_connection(("127.0.0.1", pop.ports["pop3"]), 20) as raw:
+        f = raw.makefile("rb")
+        f.readline()
+        raw.sendall(b"STLS\r\n")
+        assert f.readline() == b"+OK Begin TLS negotiation now.\r\n"
+        raw.sendall(b"CAPA\r\n")
+        time.sleep(0.2)
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            tls = tls_context(pop).wrap_socket(raw, server_hostname="mx.test.example")
+            tls.sendall(b"NOOP\r\n")
+            tls.recv(100)
+    log = wait_log(pop, "TLS handshaking failed")
+    assert "Disconnected (no auth attempts in 0 secs): user=<>, rip=127.0.0.1" in log
 
 
 # ------------------------------------------------------------------ failures, fail2ban
