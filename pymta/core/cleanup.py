@@ -19,7 +19,13 @@ Postfix's cleanup daemon does, in the caller's process (no hop, no copy):
  4. headers: one pass over the header block only (never the body), then a
     Received header is prepended and, for local submissions or with
     `always_add_missing_headers`, missing Date, Message-Id and From are
-    appended to the header block;
+    appended to the header block.  For local submissions (sendmail, and
+    the clients smtpd treats as local: Postfix's
+    local_header_rewrite_clients) the addresses in From, Sender, Reply-To,
+    To, Cc, Bcc and their Resent- forms are completed with @$myorigin and
+    mapped with the canonical maps, as in the envelope; only the address
+    text changes (when a field changes, its header block is scanned once
+    more);
  5. the queue file is written with the Queue API (one fsync, one rename,
     one directory fsync); its id is known before the content is written,
     so Received and Message-Id carry it;
@@ -192,24 +198,25 @@ def _strip_blanks(text):
     return "".join(out)
 
 
-def parse_address_list(text):
-    """The addresses of an RFC 5322 address list (a To: value, or a
-    sendmail argument such as `Joe <joe@example.org>, ann`): display
-    names, comments and group names dropped, `<...>` taken when present,
-    source routes removed, quoted local parts kept.  Never raises; what
-    comes out still needs a syntax check (cleanup does it)."""
+def address_spans(text):
+    """(address, start, end) for each address of an RFC 5322 address list
+    (see parse_address_list); text[start:end] is the part of `text` the
+    address was read from: what is between `<` and `>`, or the whole
+    list item."""
     out = []
     plain, angle = [], None
     in_angle = False
+    item_start, angle_span = 0, None
     i, n = 0, len(text)
 
-    def finish():
+    def finish(end):
         addr = "".join(angle if angle is not None else plain)
         addr = _strip_blanks(addr)
         if addr.startswith("@") and ":" in addr:
             addr = addr.split(":", 1)[1]
         if addr:
-            out.append(addr)
+            span = angle_span if angle is not None else (item_start, end)
+            out.append((addr, span[0], span[1]))
 
     while i < n:
         c = text[i]
@@ -240,26 +247,43 @@ def parse_address_list(text):
         elif in_angle:
             if c == ">":
                 in_angle = False
+                angle_span = (angle_span[0], i)
             else:
                 angle.append(c)
             i += 1
         elif c == "<":
-            in_angle, angle = True, []
+            in_angle, angle, angle_span = True, [], (i + 1, n)
             i += 1
         elif c in ",;":
-            finish()
-            plain, angle = [], None
+            finish(i)
+            plain, angle, item_start = [], None, i + 1
             i += 1
         elif c == ":":
-            plain, angle = [], None          # a group: its name is no address
+            plain, angle, item_start = [], None, i + 1   # a group name is no address
             i += 1
         else:
             plain.append(c)
             i += 1
-    finish()
+    finish(n)
     return out
 
 
+def parse_address_list(text):
+    """The addresses of an RFC 5322 address list (a To: value, or a
+    sendmail argument such as `Joe <joe@example.org>, ann`): display
+    names, comments and group names dropped, `<...>` taken when present,
+    source routes removed, quoted local parts kept.  Never raises; what
+    comes out still needs a syntax check (cleanup does it)."""
+    return [addr for addr, _start, _end in address_spans(text)]
+
+
+# Header fields whose addresses are rewritten (Postfix's header_sender and
+# header_recipient classes of canonical_classes).
+SENDER_FIELDS = frozenset({b"from", b"sender", b"reply-to", b"errors-to",
+                           b"return-receipt-to", b"resent-from", b"resent-sender",
+                           b"resent-reply-to"})
+RECIPIENT_FIELDS = frozenset({b"to", b"cc", b"bcc", b"apparently-to", b"resent-to",
+                              b"resent-cc", b"resent-bcc"})
 _TO_FIELDS = (b"to", b"cc", b"bcc")
 _RESENT_FIELDS = (b"resent-to", b"resent-cc", b"resent-bcc")
 
@@ -488,6 +512,58 @@ class Cleanup:
 
     # -- headers ----------------------------------------------------------------
 
+    def _header_address(self, addr, tables):
+        """An address of a header field, completed with @$myorigin and
+        canonical-mapped; unparsable ones are left as they are."""
+        try:
+            a = parse_mailbox(addr, smtputf8=True, allow_local_only=True)
+        except AddressError:
+            return addr
+        if not split_address(a)[1]:
+            a = f"{a}@{self.myorigin}"
+        return self._canonical(a, tables, "canonical_maps")
+
+    def _rewrite_value(self, text, tables):
+        out = text
+        for addr, start, end in reversed(address_spans(text)):
+            new = self._header_address(addr, tables)
+            if new == addr:
+                continue
+            seg = out[start:end]
+            i = seg.find(addr)
+            if i < 0 or seg.find(addr, i + 1) >= 0:
+                continue        # written with comments or twice: left alone
+            out = out[:start] + seg[:i] + new + seg[i + len(addr):] + out[end:]
+        return out
+
+    def _rewrite_headers(self, data, hb):
+        """The header block with the addresses of From, To, Cc, ... completed
+        and canonical-mapped (local submissions, as Postfix's local header
+        rewriting), or None when nothing changes.  Only the address text is
+        replaced; names, comments and folding stay."""
+        parts, pos = [], 0
+        for name, start, end in hb.fields:
+            if name in SENDER_FIELDS:
+                tables = self.sender_canon
+            elif name in RECIPIENT_FIELDS:
+                tables = self.rcpt_canon
+            else:
+                continue
+            raw = data[start:end]
+            colon = raw.index(b":") + 1
+            try:
+                text = raw[colon:].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            new = self._rewrite_value(text, tables)
+            if new != text:
+                parts += [data[pos:start], raw[:colon], new.encode("utf-8")]
+                pos = end
+        if not parts:
+            return None
+        parts.append(data[pos:hb.end])
+        return b"".join(parts)
+
     def _received(self, qid, origin, rcpt_for, now):
         date = mail_date(now)
         host, name = self.myhostname, self.mail_name
@@ -567,6 +643,11 @@ class Cleanup:
         env_sender = self._sender(sender)
         rcpts = self._recipients(recipients)
         hb = scan_headers(data, cfg.header_size_limit)
+        if local_submission:
+            header = self._rewrite_headers(data, hb)
+            if header is not None:
+                data = header + data[hb.end:]
+                hb = scan_headers(data, cfg.header_size_limit)
         hops = sum(1 for f in hb.fields if f[0] == b"received")
         if hops > HOPCOUNT_LIMIT:
             raise PermFail("5.4.0", "too many hops")

@@ -85,8 +85,8 @@ def test_master_down_leaves_a_maildrop_file_picked_up_at_start(inst):
     st = os.stat(os.path.join(inst.path("spool", "maildrop"), name))
     assert st.st_uid == os.getuid()
     inst.start()
-    wait_for(lambda: incoming(inst), what="the maildrop message in incoming/")
-    wait_for(lambda: maildrop(inst) == [], what="maildrop/ to be emptied")
+    wait_for(lambda: incoming(inst), timeout=30, what="the maildrop message in incoming/")
+    wait_for(lambda: maildrop(inst) == [], timeout=30, what="maildrop/ to be emptied")
     [qid] = incoming(inst)
     f, data = read(inst, qid)
     assert [r.address for r in f.recipients] == ["alice@test.example"]
@@ -182,7 +182,7 @@ def test_hostile_maildrop_files_go_to_corrupt(inst):
     with open(os.path.join(drop, forged), "wb") as f:
         f.write(data.replace(b"\nS", b"\nAclient_address=10.0.0.1\nS", 1))
     inst.start()
-    wait_for(lambda: maildrop(inst) == [], what="maildrop/ to be emptied")
+    wait_for(lambda: maildrop(inst) == [], timeout=30, what="maildrop/ to be emptied")
     assert len(incoming(inst)) == 1
     corrupt = inst.path("spool", "corrupt")
     for name in (junk, link, forged):
@@ -198,7 +198,7 @@ def test_refused_maildrop_message_is_bounced_to_its_sender(inst):
     hops = b"Received: by x\n" * 60 + b"Subject: loop\n\nbody\n"
     name = queued_id(sendmail(inst, "-v", "-f", "s@test.example", "a@test.example", input=hops))
     inst.start()
-    wait_for(lambda: maildrop(inst) == [], what="maildrop/ to be emptied")
+    wait_for(lambda: maildrop(inst) == [], timeout=30, what="maildrop/ to be emptied")
     [qid] = incoming(inst)
     f, data = read(inst, qid)
     assert f.sender == ""
@@ -259,7 +259,7 @@ def test_ignored_options_and_queue_interval(inst):
 def test_bp_and_bi_run_postqueue_and_newaliases(inst):
     name = queued_id(sendmail(inst, "-v", "a@test.example", input=b"x\n"))
     inst.start()
-    wait_for(lambda: incoming(inst), what="message in incoming/")
+    wait_for(lambda: incoming(inst), timeout=30, what="message in incoming/")
     p = sendmail(inst, "-bp")
     assert incoming(inst)[0] in p.stdout and name not in p.stdout
     p = sendmail(inst, "-bi")
@@ -312,11 +312,11 @@ def test_many_concurrent_submissions(inst):
 
 def test_stale_socket_after_a_crash_falls_back_to_maildrop(inst):
     inst.start()
-    wait_for(inst.children, what="the pickup process")
+    wait_for(inst.children, timeout=30, what="the pickup process")
     inst.kill_all()
-    wait_for(lambda: inst.master_pid() is None and not inst.children(), what="the kill")
+    wait_for(lambda: inst.master_pid() is None and not inst.children(), timeout=30, what="the kill")
     assert os.path.exists(inst.path("run", "public", "pickup"))
     name = queued_id(sendmail(inst, "-v", "a@test.example", input=b"Subject: crash\n\nx\n"))
     assert maildrop(inst) == [name]
     inst.start()
-    wait_for(lambda: incoming(inst) and not maildrop(inst), what="pickup after restart")
+    wait_for(lambda: incoming(inst) and not maildrop(inst), timeout=30, what="pickup after restart")

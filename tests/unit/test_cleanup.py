@@ -524,3 +524,46 @@ def test_submit_keeps_the_arrival_time(env):
     qid = c.submit("a", ["b@example.org"], b"\n", LOCAL, arrival_time=1_700_000_000.5)
     with env.open(qid) as f:
         assert f.arrival_time == 1_700_000_000.5
+
+
+def test_local_header_addresses_are_completed_and_canonical_mapped(env):
+    c = env.cleanup(myorigin="example.org",
+                    sender_canonical_maps="inline:{ root@example.org=admin@example.org }",
+                    canonical_maps="inline:{ @old.example=@example.org }")
+    msg = (b"From: Charlie Root <root>\nTo: alice, \"Bob, B\" <bob@old.example>,\n"
+           b"\tcarol@old.example (Carol)\nCc: team: dave;\nSubject: To: alice\n"
+           b"X-Other: root\n\nTo: alice\n")
+    qid = c.submit("root", ["x@example.org"], msg, LOCAL, local_submission=True)
+    head, body = split_message(env.content(qid))
+    assert head[2:8] == [
+        "From: Charlie Root <admin@example.org>",
+        "To: alice@example.org, \"Bob, B\" <bob@example.org>,",
+        "\tcarol@example.org (Carol)",
+        "Cc: team: dave@example.org;",
+        "Subject: To: alice",
+        "X-Other: root",
+    ]
+    assert body == b"To: alice\n"
+    with env.open(qid) as f:
+        assert f.sender == "admin@example.org"
+
+
+def test_remote_headers_are_not_rewritten(env):
+    c = env.cleanup(canonical_maps="inline:{ @old.example=@example.org }")
+    msg = b"From: a@old.example\nTo: bob\n\nx\n"
+    qid = c.submit("a@old.example", ["bob@example.org"], msg, REMOTE)
+    assert env.content(qid).endswith(msg)
+    with env.open(qid) as f:
+        assert f.sender == "a@example.org"
+
+
+def test_header_rewriting_leaves_odd_addresses_alone(env):
+    c = env.cleanup(canonical_maps="inline:{ a@example.org=b@example.org }")
+    msg = (b"To: a@example.org (a@example.org)\nCc: not an address at all\n"
+           b"Reply-To: a @ example.org\nSender: a@example.org <a@example.org>\n\nx\n")
+    qid = c.submit("s@example.org", ["x@example.org"], msg, LOCAL, local_submission=True)
+    head, _ = split_message(env.content(qid))
+    # The address twice in one item, an unparsable item, blanks inside an
+    # address: nothing there is replaced.  In <...> only the address changes.
+    assert head[2:6] == ["To: a@example.org (a@example.org)", "Cc: not an address at all",
+                         "Reply-To: a @ example.org", "Sender: a@example.org <b@example.org>"]
