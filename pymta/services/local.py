@@ -16,9 +16,10 @@ DESCRIPTION
     3. Looks the local part up in alias_maps (first `user+ext`, then
        `user`), for mydestination and virtual mailbox domains alike.  An
        alias expands, recursively, into addresses, `|command`, `/file`,
-       `/maildir/` and `:include:/file`; an unmatched extension is
-       propagated to the addresses of the expansion.  An alias that names
-       itself delivers to the user of that name; a loop bounces with 5.4.6.
+       `/maildir/` and `:include:/file` (an unmatched extension is not
+       propagated, as with Postfix's default propagate_unmatched_extensions).
+       An alias that names itself delivers to the user of that name; a loop
+       bounces with 5.4.6.
        When an alias `owner-NAME` exists, deliveries of NAME's expansion use
        owner-NAME@$myorigin as the envelope sender and their failures are
        reported to it, not to the sender of the message.  Unqualified names
@@ -417,7 +418,8 @@ def op_mbox(path, head, content, limit, what):
     tail = b"\n" if body.endswith(b"\n") or not body else b"\n\n"
     chunks = [head, body, tail]
     size = sum(len(c) for c in chunks)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+             | os.O_NOCTTY | os.O_NONBLOCK)
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as e:
@@ -632,7 +634,6 @@ class Ctx:
     owner: str = ""
     privs: Creds = None
     klass: str = ""              # alias, forward, include ("" at the top)
-    ext: str = ""                # extension to propagate
 
     def deeper(self, **kw):
         return Ctx(**{**self.__dict__, "depth": self.depth + 1, **kw})
@@ -702,15 +703,14 @@ class Delivery:
                     self.failure(target, ctx, addr, BOUNCED, "5.4.6",
                                  f"alias database loop for {key}")
                     return
-                self.alias(key, found, addr, here, target,
-                           ext if key != lower else "")
+                self.alias(key, found, addr, here, target)
                 return
         if dom in a.mydestination:
             self.system_user(addr, lower, user, ext, here, target, bypass)
         else:
             self.virtual_user(addr, local, user, ext, domain, here, target)
 
-    def alias(self, key, found, addr, ctx, target, unmatched_ext):
+    def alias(self, key, found, addr, ctx, target):
         a = self.a
         value, privs = found
         sender, owner = ctx.sender, ctx.owner
@@ -723,8 +723,7 @@ class Delivery:
             if has_owner:
                 sender = owner = f"owner-{key}@{a.myorigin}"
         inner = ctx.deeper(chain=ctx.chain + (("alias", key),), exp_from=key,
-                           sender=sender, owner=owner, privs=privs, klass="alias",
-                           ext=unmatched_ext)
+                           sender=sender, owner=owner, privs=privs, klass="alias")
         for item in split_destinations(value):
             self.item(item, inner, target)
 
@@ -755,7 +754,7 @@ class Delivery:
                 self.address(addr, ctx.deeper(), target)
 
     def parse(self, text, ctx, target):
-        """An address of an expansion, qualified, with the extension."""
+        """An address of an expansion, qualified."""
         text = text.strip()
         if text.startswith("<") and text.endswith(">"):
             text = text[1:-1]
@@ -770,8 +769,6 @@ class Delivery:
         if not at:
             local = addr
             domain = self.a.qualify(local, ctx.domain)
-        if ctx.ext and self.a.delimiter:
-            local = f"{local}{self.a.delimiter[0]}{ctx.ext}"
         return f"{local}@{domain}"
 
     def command(self, cmd, ctx, target):
@@ -854,7 +851,7 @@ class Delivery:
                     "domain": addr.rpartition("@")[2], "recipient": addr,
                     "recipient_delimiter": a.delimiter[:1]})
                 inner = ctx.deeper(chain=ctx.chain + (("luser", addr.lower()),))
-                dest = self.parse(relay, inner.deeper(ext=""), target)
+                dest = self.parse(relay, inner, target)
                 if dest:
                     self.address(dest, inner, target)
                 return
@@ -867,7 +864,7 @@ class Delivery:
                 return
             if items:
                 inner = ctx.deeper(chain=ctx.chain + (("forward", name),), exp_from=name,
-                                   privs=creds, klass="forward", ext="")
+                                   privs=creds, klass="forward")
                 for item in items:
                     self.item(item, inner, target)
                 return

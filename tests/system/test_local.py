@@ -187,6 +187,17 @@ def test_unknown_users_bounce_with_5_1_1(agent):
             in inst.log())
 
 
+def test_luser_relay_and_an_alias_matched_without_its_extension(instance):
+    agent = start_local(instance, "team: alice\n",
+                        main_cf="luser_relay = bob+$user@test.example\n")
+    inst = agent.inst
+    _, groups = agent.deliver(["nosuch@localhost", f"team+x@{inst.domain}"])
+    assert [g["result"] for g in groups] == ["sent", "sent"]
+    assert [d for _, d in new_files(agent.box("bob"))] == [expected("nosuch@localhost")]
+    assert [d for _, d in new_files(agent.box("alice"))] == [expected(f"team+x@{inst.domain}")]
+    inst.wait_log("to=<bob+nosuch@test.example>, orig_to=<nosuch@localhost>")
+
+
 def test_extension_goes_to_inbox_or_to_an_existing_folder(agent):
     inst = agent.inst
     agent.deliver([f"alice@{inst.domain}"])
