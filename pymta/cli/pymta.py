@@ -73,6 +73,21 @@ def _load(config_dir):
         _fail(str(e), EX_CONFIG)
 
 
+def _load_for_control(config_dir):
+    """The configuration for status and stop: a mistake made in main.cf
+    since the start must not keep an operator from stopping the master."""
+    try:
+        return config.load(config_dir)
+    except ConfigError as e:
+        try:
+            cfg = config.load(config_dir, validate=False)
+            cfg.run_directory
+            click.echo(f"pymta: warning: {e}", err=True)
+            return cfg
+        except (ConfigError, ValueError):
+            _fail(str(e), EX_CONFIG)
+
+
 # --- init -------------------------------------------------------------------------
 
 def _fill(template, values):
@@ -216,7 +231,7 @@ def start(config_dir, foreground, verbose):
 @click.pass_obj
 def stop(config_dir):
     """Stop the mail system."""
-    cfg = _load(config_dir)
+    cfg = _load_for_control(config_dir)
     pid = _running_pid(cfg)
     if not pid or pid < 0:
         _fail("the pymta mail system is not running", 1)
@@ -247,7 +262,7 @@ def reload(config_dir):
 @click.pass_obj
 def status(config_dir):
     """Exit 0 if the master runs, 1 if not."""
-    cfg = _load(config_dir)
+    cfg = _load_for_control(config_dir)
     pid = _running_pid(cfg)
     if pid:
         click.echo(f"pymta: the pymta mail system is running: PID: {pid}")
