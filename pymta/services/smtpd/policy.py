@@ -69,11 +69,12 @@ class Reject:
 class Request:
     """What the policy knows about a session; smtpd keeps it up to date."""
 
-    __slots__ = ("client_addr", "client_name", "helo", "sender", "sasl_username",
+    __slots__ = ("client_addr", "client_ip", "client_name", "helo", "sender", "sasl_username",
                  "sasl_method", "tls", "local_addr", "trusted", "dns_cache")
 
     def __init__(self, client_addr, client_name="unknown", local_addr=""):
-        self.client_addr = client_addr
+        self.client_ip = parse_ip(client_addr)
+        self.client_addr = str(self.client_ip) if self.client_ip is not None else client_addr
         self.client_name = client_name
         self.local_addr = local_addr
         self.helo = None
@@ -160,15 +161,14 @@ class NetworkList:
             return ("name", text.lower().lstrip("."))
         raise ConfigError(None, None, f"bad network list entry '{text}'")
 
-    def match(self, addr, name=""):
-        """True if the client (address text, resolved name) is in the list.
-        ConfigError when a table cannot be read."""
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            ip = None
-        if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+    def match(self, addr, name="", ip=False):
+        """True if the client (address text, resolved name; `ip` the parsed
+        address when the caller has it) is in the list.  ConfigError when a
+        table cannot be read."""
+        if not self.entries:
+            return False
+        if ip is False:
+            ip = parse_ip(addr)
         name = (name or "").lower()
         for negate, (kind, value) in self.entries:
             if kind == "net":
@@ -181,6 +181,18 @@ class NetworkList:
             if hit:
                 return not negate
         return False
+
+
+def parse_ip(addr):
+    """An ipaddress object for a client address (IPv4-mapped IPv6 as IPv4),
+    or None when it is not an IP address."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def _is_ip_text(text):
@@ -208,13 +220,13 @@ class ClientLimits:
         self.counts = collections.Counter()
         self.times = {}
 
-    def connect(self, addr, name=""):
+    def connect(self, addr, name="", ip=False):
         """Count a new connection; return None, or (what, n) when a limit is
         exceeded ("count" or "rate", with the count that exceeded it)."""
         self.counts[addr] += 1
         if not (self.count_limit or self.rate_limit):
             return None
-        if self.exceptions.match(addr, name):
+        if self.exceptions.match(addr, name, ip):
             return None
         if self.count_limit and self.counts[addr] > self.count_limit:
             return ("count", self.counts[addr])
@@ -425,6 +437,8 @@ class Policy:
         self.sender_login = self._tables("smtpd_sender_login_maps")
         self.problems = []
         self.lists = {name: self._compile(name, stage) for name, stage in _LISTS}
+        # True when a check may wait for DNS (the session then stops reading).
+        self.may_await = any(step.is_async for steps in self.lists.values() for step in steps)
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -500,7 +514,7 @@ class Policy:
     def is_trusted(self, req):
         """permit_mynetworks for this client (computed once per session)."""
         if req.trusted is None:
-            req.trusted = self.mynetworks.match(req.client_addr, req.client_name)
+            req.trusted = self.mynetworks.match(req.client_addr, req.client_name, req.client_ip)
         return req.trusted
 
     async def check_connect(self, req):

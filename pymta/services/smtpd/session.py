@@ -20,7 +20,6 @@ file); "250 2.0.0 Ok: queued as QID" is written only after it returned.
 """
 
 import asyncio
-import ipaddress
 import ssl
 
 from pymta.core import log, tls
@@ -126,17 +125,6 @@ def _replace(settings, **changes):
     return dataclasses.replace(settings, **changes)
 
 
-def _normal_address(addr):
-    """IPv4-mapped IPv6 addresses as IPv4, like Postfix's smtpd."""
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return addr
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
 class _Lost(Exception):
     """The client went away (or the TLS handshake failed): end quietly."""
 
@@ -150,9 +138,8 @@ class Session:
         self.writer = conn.writer
         self.reader = conn.reader
         self.loop = asyncio.get_running_loop()
-        addr = _normal_address(conn.peer_addr) if conn.peer_addr else "unknown"
         local = conn.local[0] if isinstance(conn.local, tuple) else ""
-        self.req = Request(addr, "unknown", _normal_address(local) if local else "")
+        self.req = Request(conn.peer_addr or "unknown", "unknown", local)
         self.out = []
         self.paused = False
         self.where = "CONNECT"
@@ -166,14 +153,14 @@ class Session:
     async def run(self):
         srv = self.server
         req = self.req
-        req.client_name = await self._client_name(req.client_addr)
-        exempt = srv.bare_newline_exempt.match(req.client_addr, req.client_name)
+        req.client_name = await self._client_name(req.client_ip)
+        exempt = srv.bare_newline_exempt.match(req.client_addr, req.client_name, req.client_ip)
         self.gated = srv.auth_tls_gate
         settings = (srv.gate_settings if self.gated else srv.settings)[exempt]
         self.strict_settings = srv.settings[exempt]
         self.engine = SMTPServer(srv.hostname, settings)
         log.info(f"connect from {req.namaddr}")
-        over = srv.limits.connect(req.client_addr, req.client_name)
+        over = srv.limits.connect(req.client_addr, req.client_name, req.client_ip)
         try:
             await self._session(over)
         except _Lost:
@@ -253,8 +240,12 @@ class Session:
             self.writer.transport.resume_reading()
 
     def pause(self):
-        """Stop reading from the client until pump() is done."""
-        if not self.paused:
+        """Stop reading from the client until pump() is done, when the engine
+        holds input it has not processed yet (pipelined commands): bytes that
+        arrive meanwhile could follow a pipelined STARTTLS, and must not be
+        read after the handshake.  Without such input, what arrives is read
+        and handled in order after the wait."""
+        if not self.paused and self.engine.buffered:
             self.paused = True
             self.writer.transport.pause_reading()
 
@@ -276,6 +267,8 @@ class Session:
         e, req = self.engine, self.req
         self.where = "EHLO" if ev.esmtp else "HELO"
         req.helo = ev.name
+        if self.server.policy.may_await:
+            self.pause()
         verdict = await self.server.policy.check_helo(req)
         if verdict is not None:
             self._log_reject(self.where, verdict)
@@ -303,6 +296,8 @@ class Session:
             e.reject(530, "5.7.0", "Authentication required")
             return
         req.sender = ev.address
+        if srv.policy.may_await:
+            self.pause()
         verdict = await srv.policy.check_mail(req)
         if verdict is not None:
             self._log_reject("MAIL", verdict)
@@ -313,7 +308,10 @@ class Session:
 
     async def on_rcpt(self, ev):
         self.where = "RCPT"
-        verdict = await self.server.policy.check_rcpt(self.req, ev.address)
+        policy = self.server.policy
+        if policy.may_await:
+            self.pause()
+        verdict = await policy.check_rcpt(self.req, ev.address)
         if verdict is not None:
             self._log_reject("RCPT", verdict, ev.address)
             self.engine.reject(verdict.code, verdict.dsn, verdict.text)
@@ -332,6 +330,8 @@ class Session:
     async def on_message(self, ev):
         srv, e, req = self.server, self.engine, self.req
         self.where = "BDAT" if ev.chunked else "DATA"
+        if srv.policy.may_await:
+            self.pause()
         verdict = await srv.policy.check_data(req)
         if verdict is not None:
             self._log_reject("DATA", verdict)
@@ -494,16 +494,14 @@ class Session:
 
     # -- names and logs -------------------------------------------------------------------------
 
-    async def _client_name(self, addr):
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
+    async def _client_name(self, ip):
+        if ip is None:
             return "unknown"
         if ip.is_loopback:
             return "localhost"
         if not self.server.peername_lookup:
             return "unknown"
-        return await self.server.policy.dns.client_name(addr)
+        return await self.server.policy.dns.client_name(str(ip))
 
     def _protocol(self):
         e = self.engine
