@@ -36,9 +36,11 @@ DESCRIPTION
        $virtual_mailbox_base/<domain>/<localpart>/, as mail_owner.  user+Ext
        is delivered into the Maildir++ folder "Ext" when that folder exists.
        Unknown users bounce with 5.1.1.
-    6. Addresses outside our domains are forwarded: one new message per
-       sender through cleanup, with a Delivered-To header ("forwarded as
-       QID").
+    6. Addresses of an expansion outside our domains are forwarded: one
+       new message per sender through cleanup, with a Delivered-To header
+       ("forwarded as QID").  A requested recipient in another domain (a
+       transport_maps route to local) is a system user or alias, like
+       Postfix's local(8) does, so that it cannot loop through the queue.
 
     Maildir deliveries prepend "Return-Path: <sender>" and "Delivered-To:
     recipient" (Postfix's form: lower case, no brackets), written with the
@@ -678,7 +680,8 @@ class Delivery:
             local, domain = addr, a.myorigin
             addr = f"{local}@{domain}"
         dom = domain.lower()
-        if dom not in a.mydestination and dom not in a.virtual_domains:
+        virtual = dom in a.virtual_domains and dom not in a.mydestination
+        if not virtual and dom not in a.mydestination and ctx.depth > 0:
             self.forward(addr, ctx, target)
             return
         if addr.lower() in self.delivered_headers:
@@ -705,10 +708,10 @@ class Delivery:
                     return
                 self.alias(key, found, addr, here, target)
                 return
-        if dom in a.mydestination:
-            self.system_user(addr, lower, user, ext, here, target, bypass)
-        else:
+        if virtual:
             self.virtual_user(addr, local, user, ext, domain, here, target)
+        else:
+            self.system_user(addr, lower, user, ext, here, target, bypass)
 
     def alias(self, key, found, addr, ctx, target):
         a = self.a

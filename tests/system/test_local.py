@@ -266,7 +266,7 @@ def test_bad_requests(agent):
 # -- aliases ---------------------------------------------------------------------------
 
 def test_alias_to_two_users(instance):
-    agent = start_local(instance, "team: alice@test.example, bob\n")
+    agent = start_local(instance, "team: alice@test.example, bob\nrouted: alice@test.example\n")
     inst = agent.inst
     qid, groups = agent.deliver([f"team@{inst.domain}"])
     assert groups == [{"rcpt": "0", "result": "sent", "dsn": "2.0.0",
@@ -276,6 +276,11 @@ def test_alias_to_two_users(instance):
         assert [d for _, d in new_files(agent.box(user))] == [expected(f"team@{inst.domain}")]
     inst.wait_log(f"{qid}: to=<bob@{inst.domain}>, orig_to=<team@{inst.domain}>")
     assert f"{qid}: to=<alice@{inst.domain}>, orig_to=<team@{inst.domain}>" in inst.log()
+    # A recipient routed to local from another domain (transport_maps) is
+    # local, as with Postfix's local(8): never forwarded back into the queue.
+    _, groups = agent.deliver(["routed@elsewhere.example"])
+    assert groups[0]["result"] == "sent"
+    assert len(new_files(agent.box("alice"))) == 2
 
 
 def test_alias_to_command_and_exit_codes(instance):
