@@ -69,6 +69,7 @@ import os
 import re
 import secrets
 import ssl
+import threading
 import time
 
 from pymta.core import authlimit, log, maildir, sasl, tls, users
@@ -90,6 +91,10 @@ class MaildropInUse(Exception):
     """Another POP3 session holds the mailbox lock."""
 
 
+class MaildropClosed(Exception):
+    """The session ended while a worker thread was about to use the maildrop."""
+
+
 def uidl_of(base):
     """The UIDL of a message: its maildir unique name, when that is a valid
     RFC 1939 unique-id (1-70 characters 0x21-0x7E); else a digest of it."""
@@ -98,20 +103,22 @@ def uidl_of(base):
     return "H" + hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _read_whole(path):
-    """The content of a message file (None if it is gone)."""
+def _measure(path):
+    """(size, size as sent) of a message file, read in chunks; None if it
+    is gone."""
     try:
         fd = os.open(path, _FILE_FLAGS)
     except FileNotFoundError:
         return None
     try:
-        chunks = []
+        sizer = pop3.WireSizer()
+        size = 0
         while True:
             chunk = os.read(fd, READ_CHUNK)
             if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+                return size, sizer.result()
+            size += len(chunk)
+            sizer.feed(chunk)
     finally:
         os.close(fd)
 
@@ -126,12 +133,49 @@ class Maildrop:
         self.uids = []
         self.sizes = []
         self._lock_fd = None
+        # open() and update() run in worker threads; a session that ends
+        # meanwhile (timeout, shutdown) calls close() from the event loop,
+        # and the lock is released when the last worker is done.
+        self._mutex = threading.Lock()
+        self._busy = 0
+        self._closing = False
+
+    def _enter(self):
+        with self._mutex:
+            if self._closing:
+                raise MaildropClosed()
+            self._busy += 1
+
+    def _leave(self):
+        with self._mutex:
+            self._busy -= 1
+            if self._closing and not self._busy:
+                self._release()
+
+    def _release(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def close(self):
+        """Release the lock now, or when the worker thread using it is done."""
+        with self._mutex:
+            self._closing = True
+            if not self._busy:
+                self._release()
 
     # -- open ------------------------------------------------------------------
 
     def open(self):
         """Lock the maildir (MaildropInUse) and list its messages with their
         sizes as sent. Creates a missing maildir. Runs in a worker thread."""
+        self._enter()
+        try:
+            self._open()
+        finally:
+            self._leave()
+
+    def _open(self):
         if not os.path.isdir(os.path.join(self.path, "cur")):
             maildir.create_maildir(self.path)
         fd = os.open(os.path.join(self.path, LOCK_NAME),
@@ -148,7 +192,8 @@ class Maildrop:
         try:
             self._scan()
         except BaseException:
-            self.close()
+            with self._mutex:
+                self._closing = True
             raise
 
     def _scan(self):
@@ -164,11 +209,11 @@ class Maildrop:
                 if known is not None and known[0] == msg.size:
                     vsize = known[1]
                 else:
-                    data = _read_whole(os.path.join(self.path, msg.subdir, msg.filename))
-                    if data is None:
+                    measured = _measure(os.path.join(self.path, msg.subdir, msg.filename))
+                    if measured is None:
                         continue        # expunged or moved by IMAP meanwhile
-                    vsize = pop3.wire_size(data)
-                    msg = msg._replace(size=len(data))
+                    size, vsize = measured
+                    msg = msg._replace(size=size)
                 if "\n" not in base and "\r" not in base:
                     fresh[base] = (msg.size, vsize)
             self.messages.append(msg)
@@ -270,6 +315,13 @@ class Maildrop:
         """Unlink `deleted`, flag `seen` as Seen (to cur/ with :2,S), fsync
         the directories. Returns (messages removed, error text or None).
         Runs in a worker thread."""
+        self._enter()
+        try:
+            return self._update(deleted, seen)
+        finally:
+            self._leave()
+
+    def _update(self, deleted, seen):
         dirty = set()
         removed = 0
         failed = []
@@ -314,11 +366,6 @@ class Maildrop:
                 log.error(f"{self.path}: {text}")
             return removed, "Some deleted messages were not removed."
         return removed, None
-
-    def close(self):
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
 
 # ---------------------------------------------------------------------- service
@@ -459,6 +506,14 @@ class Session:
             self._timer = None
             self.end = "dropped"
             log.verbose(f"session {self.id}: {e}")
+        except asyncio.CancelledError:
+            # The process is leaving and its drain time is over.
+            self.end = "shutdown"
+            engine.abort("Server shutting down.", pop3.RESP_SYS_TEMP)
+            while (ev := engine.next_event()) is not None:
+                if type(ev) is pop3.Reply and not self.writer.is_closing():
+                    self.writer.write(ev.data)
+            raise
         finally:
             self._timer = None
             if self.maildrop is not None:
@@ -644,6 +699,7 @@ class Session:
         service.throttle.success(self.rip)
         user = verdict.user
         drop = Maildrop(service.maildir_of(user))
+        self.maildrop = drop            # closed when the session ends, however it ends
         try:
             await loop.run_in_executor(None, drop.open)
         except MaildropInUse:
@@ -660,7 +716,6 @@ class Session:
             self.engine.login_failed("Couldn't open mailbox.", pop3.RESP_SYS_TEMP,
                                      count=False, close=True)
             return
-        self.maildrop = drop
         self.user = user
         self._log_login(user, method)
         self.engine.login_ok(drop.uids, drop.sizes)
@@ -735,6 +790,7 @@ class Session:
                 pop3.CloseReason.BAD_COMMANDS: "Too many invalid commands.",
                 "timeout": "Inactivity",
                 "dropped": "Connection closed",
+                "shutdown": "Server shutting down",
             }.get(end, "Disconnected by server")
             log.info(f"{self._prefix(self.user)}: Disconnected: {what} {engine.counters()}")
             return
@@ -755,6 +811,8 @@ class Session:
             head = "Disconnected: Inactivity"
         elif end is pop3.CloseReason.BAD_COMMANDS:
             head = "Disconnected: Too many invalid commands."
+        elif end == "shutdown":
+            head = "Disconnected: Server shutting down"
         else:
             head = "Disconnected"
         user = f"user=<{_log_name(self.auth_user)}>, " if self.auth_user else "user=<>, "

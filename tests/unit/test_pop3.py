@@ -627,3 +627,17 @@ def test_top_stops_reading_early():
     assert enc.done
     assert enc.feed(b"more\n") == b""
     assert enc.finish() == b".\r\n"
+
+
+def test_abort_in_the_middle_of_a_message_sends_nothing_more():
+    d = logged_in()
+    d.engine.feed(b"RETR 2\r\n")
+    assert isinstance(d.engine.next_event(), Retrieve)
+    d.engine.retrieve_ok(b"Subject: two\n", more=True)
+    assert d.engine.retrieving
+    part = d.engine.next_event()
+    assert part.data.startswith(b"+OK ") and part.data.endswith(b"Subject: two\r\n")
+    d.engine.timeout()
+    assert d.engine.next_event() == Close(CloseReason.TIMEOUT)
+    assert d.engine.next_event() is None
+    assert not d.engine.retrieving

@@ -531,10 +531,13 @@ class POP3Server:
         self.abort("Disconnected for inactivity.", reason=CloseReason.TIMEOUT)
 
     def abort(self, text, code=None, reason=CloseReason.ABORT):
-        """Send "-ERR text" and Close (server shutting down, internal error)."""
+        """Send "-ERR text" and Close (server shutting down, internal error).
+        In the middle of a message being sent nothing more is sent: a line
+        there would be taken for message content."""
         if self.state is State.CLOSED:
             return
-        self._err(text, code)
+        if self._encoder is None:
+            self._err(text, code)
         self._close(reason)
 
     def capabilities(self):
