@@ -621,6 +621,7 @@ class Target:
     orig: str
     delivered: str
     leaves: list = field(default_factory=list)
+    expanded: set = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -667,11 +668,22 @@ class Delivery:
             return
         target.leaves.append(leaf)
 
+    def first_time(self, target, what):
+        """False if `what` (an alias, :include: file or .forward) was already
+        expanded for this recipient: its destinations would all be
+        duplicates, and diamonds in the alias graph must not multiply."""
+        if what in target.expanded:
+            return False
+        target.expanded.add(what)
+        return True
+
     def failure(self, target, ctx, to, result, code, reason):
         self.add(target, Leaf("fail", to, ctx.sender, ctx.owner).fail(result, code, reason))
 
     def address(self, addr, ctx, target, bypass=False):
         a = self.a
+        if len(target.leaves) > MAX_DESTINATIONS:
+            return
         if ctx.depth > MAX_DEPTH:
             self.failure(target, ctx, addr, BOUNCED, "5.4.6", f"alias database loop for {addr}")
             return
@@ -715,6 +727,8 @@ class Delivery:
 
     def alias(self, key, found, addr, ctx, target):
         a = self.a
+        if not self.first_time(target, ("alias", key)):
+            return
         value, privs = found
         sender, owner = ctx.sender, ctx.owner
         if a.owner_request_special and not key.startswith("owner-"):
@@ -822,6 +836,8 @@ class Delivery:
             self.failure(target, ctx, ctx.address, BOUNCED, "5.4.6",
                          f"include file loop for {path}")
             return
+        if not self.first_time(target, ("include", path)):
+            return
         privs = a.command_privs(ctx.privs)
         if isinstance(privs, str):
             self.failure(target, ctx, ctx.address, DEFERRED, "4.3.5", privs)
@@ -862,10 +878,13 @@ class Delivery:
             return
         creds = Creds.of(pw)
         if not bypass and ("forward", name) not in ctx.chain:
+            if ("forward", name) in target.expanded:
+                return          # expanded before: only duplicates would follow
             items = self.dot_forward(addr, name, ext, creds, ctx, target)
             if items is None:
                 return
             if items:
+                target.expanded.add(("forward", name))
                 inner = ctx.deeper(chain=ctx.chain + (("forward", name),), exp_from=name,
                                    privs=creds, klass="forward")
                 for item in items:

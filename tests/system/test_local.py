@@ -353,6 +353,17 @@ def test_alias_loop_bounces_once(instance):
     assert len(new_files(agent.box("alice"))) == 1
 
 
+def test_alias_diamonds_do_not_multiply(instance):
+    # 12 levels of 10 references each: 10**12 paths, one destination.
+    levels = "".join(f"d{i}: " + ", ".join([f"d{i + 1}"] * 10) + "\n" for i in range(12))
+    agent = start_local(instance, levels + "d12: alice@test.example\n")
+    started = time.monotonic()
+    _, groups = agent.deliver([f"d0@{instance.domain}"])
+    assert groups[0]["result"] == "sent"
+    assert time.monotonic() - started < 10
+    assert len(new_files(agent.box("alice"))) == 1
+
+
 def test_delivered_to_loop_bounces_5_4_6(agent):
     inst = agent.inst
     looped = f"Delivered-To: alice@{inst.domain}\n".encode() + BODY
