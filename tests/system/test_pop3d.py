@@ -416,3 +416,37 @@ def test_failed_login_is_delayed_and_logged_for_fail2ban(pop, tmp_path):
     assert re.search(r"Lines: \d+ lines, 0 ignored, 1 matched, \d+ missed", report), report
     matched = report.split("Matched line(s):")[1].split("`-")[0]
     assert "pymta/pop3d[" in matched and "Aborted login (auth failed" in matched
+
+
+
+def test_fetchmail_with_stls_finds_the_sizes_it_was_told(pop, tmp_path):
+    """fetchmail compares each message with its LIST size and says
+    "not the expected length" when they differ."""
+    for m in MESSAGES:
+        deliver(pop, m)
+    pop.start()
+    out_dir = tmp_path / "fetched"
+    out_dir.mkdir()
+    rc = tmp_path / "fetchmailrc"
+    rc.write_text(textwrap.dedent(f"""\
+        set no syslog
+        poll mx.test.example via 127.0.0.1 protocol pop3 port {pop.ports["pop3"]} uidl
+          user "{USER}" password "{PASSWORD}" is "nobody" here
+          sslproto 'TLS1.2+' sslcertck sslcertfile "{pop.etc}/tls/cert.pem"
+          sslcommonname "mx.test.example"
+          mda "/bin/sh -c 'cat > {out_dir}/$$.msg'"
+          fetchall nokeep
+        """))
+    rc.chmod(0o600)
+    env = {"HOME": str(tmp_path), "FETCHMAILHOME": str(tmp_path)}
+    p = run(["fetchmail", "-v", "-f", str(rc), "--idfile", str(tmp_path / "ids")], env=env,
+            check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    report = p.stdout + p.stderr
+    assert "not the expected length" not in report
+    assert "STLS" in report
+    got = sorted(f.read_bytes() for f in out_dir.iterdir())
+    assert len(got) == 3
+    for m in MESSAGES:
+        assert any(m.rstrip(b"\n") in g.replace(b"\r\n", b"\n") for g in got)
+    assert files(pop) == {"new": [], "cur": []}
