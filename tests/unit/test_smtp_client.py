@@ -521,6 +521,11 @@ def test_auth_plain_with_initial_response():
     assert s.client.authenticated
 
 
+def test_auth_any_2xx_is_success():
+    s, _ = auth_session(b"250-mx\r\n250 AUTH PLAIN\r\n", tls_active=True)
+    only(s.reply(b"250 2.0.0 Ok\r\n")[1], Ready)
+
+
 def test_auth_plain_server_asks_again_for_the_response():
     s, (sent, _) = auth_session(b"250-mx\r\n250 AUTH PLAIN\r\n", tls_active=True)
     assert s.reply(b"334 \r\n")[0] == sent[len(b"AUTH PLAIN "):]

@@ -760,7 +760,7 @@ class SMTPClient:
 
     def _on_auth(self, reply, _arg):
         user, password = self.settings.credentials
-        if reply.code == 235:
+        if reply.kind == 2:             # 235; any 2xx, as Postfix accepts
             self.authenticated = True
             self.stage = Stage.READY
             self._events.append(Ready(self.extensions))
