@@ -535,6 +535,42 @@ def test_opportunistic_tls_to_b_is_untrusted_but_used(world):
     assert "Untrusted TLS connection established to 127.0.0.1[127.0.0.1]" in client.inst.log()
 
 
+def test_sasl_over_starttls_to_b_submission(world):
+    b = instance_b(world)
+    nexthop = f"[127.0.0.1]:{b.ports['submission']}"
+    passwd = os.path.join(world.top, "sasl_passwd")
+    with open(passwd, "w") as f:
+        f.write(f"{nexthop} bob@b.test:pw\n")
+    os.chmod(passwd, 0o644)
+    client = agent_instance(world, smtp_sasl_auth_enable="yes",
+                            smtp_sasl_password_maps=f"texthash:{passwd}")
+    # Default policy: STARTTLS first (may), then AUTH PLAIN inside TLS.
+    _, g = client.deliver(["bob@b.test"], nexthop, sender="bob@b.test")
+    assert g[0]["result"] == "sent", g
+    assert "Untrusted TLS connection established to 127.0.0.1[127.0.0.1]" in client.inst.log()
+    assert re.search(r"pymta/submission/smtpd\[\d+\]: \w+: client=\S+, sasl_method=PLAIN, "
+                     r"sasl_username=bob@b\.test", b.log()), b.log()
+    wait_for(lambda: new_mail(b, "b.test", "bob"), what="mail at B")
+
+
+def test_452_too_many_recipients_go_again_on_the_same_connection(world):
+    b = world.instance("b", "mx.b.test", "b.test", smtpd_recipient_limit=1)
+    for name in ("bob", "carol", "dave"):
+        add_user(b, f"{name}@b.test")
+    b.start()
+    wait_for(lambda: listening("127.0.0.1", b.ports["smtp"]), what="B's smtpd")
+    client = agent_instance(world, smtp_tls_security_level="none")
+    qid, g = client.deliver(["bob@b.test", "carol@b.test", "dave@b.test"],
+                            f"[127.0.0.1]:{b.ports['smtp']}")
+    assert [r["result"] for r in g] == ["sent"] * 3, g
+    log = client.inst.log()
+    assert re.search(rf"{qid}: to=<bob@b\.test>, relay=\S+, delay", log)
+    assert re.search(rf"{qid}: to=<carol@b\.test>, relay=\S+, conn_use=2, ", log)
+    assert re.search(rf"{qid}: to=<dave@b\.test>, relay=\S+, conn_use=3, ", log)
+    for name in ("bob", "carol", "dave"):
+        wait_for(lambda: new_mail(b, "b.test", name), what=f"mail for {name} at B")
+
+
 # -- end to end: sendmail -> qmgr -> smtp -> remote ---------------------------------------------
 
 def instance_a(world, **settings):
