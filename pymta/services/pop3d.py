@@ -227,11 +227,15 @@ class Maildrop:
         """base -> (size, size as sent) from the sizes file; {} if it is
         missing or not complete (it is a cache: a broken one is rebuilt)."""
         try:
-            with open(os.path.join(self.path, SIZES_NAME), encoding="utf-8",
-                      errors="surrogateescape") as f:
-                lines = f.read().split("\n")
+            fd = os.open(os.path.join(self.path, SIZES_NAME), _FILE_FLAGS)
         except FileNotFoundError:
             return {}
+        except OSError as e:
+            log.warning(f"{self.path}/{SIZES_NAME}: {e.strerror or e}; rebuilding it")
+            return {}
+        try:
+            with open(fd, encoding="utf-8", errors="surrogateescape") as f:
+                lines = f.read().split("\n")
         except (OSError, ValueError) as e:
             log.warning(f"{self.path}/{SIZES_NAME}: {e}; rebuilding it")
             return {}

@@ -450,3 +450,40 @@ def test_fetchmail_with_stls_finds_the_sizes_it_was_told(pop, tmp_path):
     for m in MESSAGES:
         assert any(m.rstrip(b"\n") in g.replace(b"\r\n", b"\n") for g in got)
     assert files(pop) == {"new": [], "cur": []}
+
+
+# ------------------------------------------------------------------ the maildrop alone
+
+def test_maildrop_lock_sizes_cache_and_uidl(tmp_path):
+    from pymta.services.pop3d import Maildrop, MaildropInUse, SIZES_NAME, uidl_of
+    box = str(tmp_path / "box")
+    for m in MESSAGES:
+        maildir.deliver(box, m)
+    first = Maildrop(box)
+    first.open()
+    assert first.sizes == [len(m) + m.count(b"\n") + (0 if m.endswith(b"\n") else 2)
+                           for m in MESSAGES]
+    with pytest.raises(MaildropInUse):
+        Maildrop(box).open()
+    first.close()
+    cache = os.path.join(box, SIZES_NAME)
+    with open(cache) as f:
+        text = f.read()
+    # A cache cut short (crash) or with a size no message can have is rebuilt.
+    lines = text.split("\n")
+    base, size, _ = lines[1].split(" ")
+    lines[1] = f"{base} {size} {3 * int(size) + 3}"
+    for broken in (text[:-9], "\n".join(lines), "garbage\n"):
+        assert broken != text
+        with open(cache, "w") as f:
+            f.write(broken)
+        again = Maildrop(box)
+        again.open()
+        again.close()
+        assert again.sizes == first.sizes
+        with open(cache) as f:
+            assert f.read() == text
+    assert uidl_of("a" * 70) == "a" * 70
+    long_name = uidl_of("a" * 71)
+    assert long_name.startswith("H") and len(long_name) == 41 and long_name == uidl_of("a" * 71)
+    assert uidl_of("1.M2P3.h\u00f6st,S=4").startswith("H")
