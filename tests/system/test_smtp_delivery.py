@@ -36,7 +36,9 @@ import pytest
 
 from pymta.core import ipc, users
 from pymta.core.dsn import parse_dsn
+from pymta.core.errors import ConfigError, TempFail
 from pymta.core.queue import Queue
+from pymta.services import smtp as smtp_service
 from tests.conftest import BIN, PORT_NAMES, Instance, port_free, run, wait_for
 from tests.unit.test_dns import Dnsmasq
 
@@ -254,6 +256,42 @@ def new_mail(inst, domain, local):
         with open(os.path.join(box, name), "rb") as f:
             out.append(f.read())
     return out
+
+
+# -- next hops and SASL options (the agent's pure helpers) ----------------------------------
+
+@pytest.mark.parametrize("text,host,port,mx", [
+    ("example.org", "example.org", 25, True),
+    ("Example.ORG.", "Example.ORG", 25, True),
+    ("example.org:587", "example.org", 587, True),
+    ("[relay.example]", "relay.example", 25, False),
+    ("[relay.example]:2525", "relay.example", 2525, False),
+    ("[relay.example]:submission", "relay.example", 587, False),
+    ("[192.0.2.1]:26", "192.0.2.1", 26, False),
+    ("192.0.2.1", "192.0.2.1", 25, False),
+    ("[ipv6:2001:db8::1]:25", "2001:db8::1", 25, False),
+    ("[::1]", "::1", 25, False),
+    ("bücher.test", "bücher.test", 25, True),
+])
+def test_parse_nexthop(text, host, port, mx):
+    hop = smtp_service.parse_nexthop(text, 25)
+    assert (hop.host, hop.port, hop.mx) == (host, port, mx)
+
+
+@pytest.mark.parametrize("text", ["[relay", "[relay]x", "a..b", "host:1:2", "[h]:0",
+                                  "[h]:99999", "[h]:no such service", "bad host", ""])
+def test_parse_nexthop_refuses(text):
+    with pytest.raises(TempFail) as e:
+        smtp_service.parse_nexthop(text, 25)
+    assert e.value.dsn == "4.3.5"
+
+
+def test_sasl_security_options():
+    assert smtp_service.sasl_mechanisms(["noplaintext", "noanonymous"]) == ()
+    assert smtp_service.sasl_mechanisms(["noanonymous"]) == ("PLAIN", "LOGIN")
+    assert smtp_service.sasl_mechanisms([]) == ("PLAIN", "LOGIN")
+    with pytest.raises(ConfigError):
+        smtp_service.sasl_mechanisms(["noplain"])
 
 
 # -- the agent alone ---------------------------------------------------------------------
