@@ -340,7 +340,7 @@ def test_greeting_refused(greeting, dsn, status_class):
     sent, events = s.reply(greeting)
     assert sent == b"QUIT\r\n"
     f = only(events, SessionFailed).failure
-    assert f.dsn == dsn and f.dsn[0] == status_class
+    assert f.dsn == dsn and f.dsn[0] == status_class and f.stage is Stage.GREETING
     first = greeting.split(b"\r\n")[0].decode()
     assert f.reason.startswith(f"host {PEER} refused to talk to me: {first}")
     assert s.client.closed
