@@ -173,6 +173,7 @@ _TABLE = [
     _p("smtp_quit_timeout", "time", "300s", "Time limit for the QUIT reply."),
     _p("smtp_tls_security_level", "str", "may", "none, may, encrypt, verify or secure."),
     _p("smtp_tls_CAfile", "str", "", "CA certificates used to verify remote servers."),
+    _p("smtp_tls_protocols", "str", ">=TLSv1.2", "TLS protocol versions the smtp client accepts (smtpd_tls_protocols syntax; never below TLSv1.2)."),
     _p("smtp_sasl_auth_enable", "bool", "no", "Authenticate to the relay host."),
     _p("smtp_sasl_password_maps", "list", "", "host or [host]:port -> user:password for SMTP AUTH to relays."),
     _p("smtp_connection_cache_time_limit", "time", "2s", "How long an idle outbound connection is kept for reuse."),

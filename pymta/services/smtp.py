@@ -64,7 +64,7 @@ PARAMETERS
     smtp_starttls_timeout smtp_mail_timeout smtp_rcpt_timeout
     smtp_data_init_timeout smtp_data_xfer_timeout smtp_data_done_timeout
     smtp_rset_timeout smtp_quit_timeout smtp_tls_security_level
-    smtp_tls_CAfile smtp_sasl_auth_enable smtp_sasl_password_maps
+    smtp_tls_CAfile smtp_tls_protocols smtp_sasl_auth_enable smtp_sasl_password_maps
     smtp_sasl_security_options smtp_sasl_tls_security_options
     smtp_mx_address_limit smtp_mx_session_limit
     smtp_connection_cache_time_limit smtp_connection_reuse_time_limit
@@ -251,7 +251,8 @@ class SmtpAgent:
         self.resolver = Resolver.from_config(cfg)
         self.level = cfg.smtp_tls_security_level.strip().lower()
         self.policy = tls.client_policy(self.level)
-        self.tls_context = tls.client_context(self.level, cfg.smtp_tls_CAfile or None)
+        self.tls_context = tls.client_context(self.level, cfg.smtp_tls_CAfile or None,
+                                              min_version=cfg.smtp_tls_protocols)
         self.plain_mechanisms = sasl_mechanisms(cfg.smtp_sasl_security_options)
         self.tls_mechanisms = sasl_mechanisms(cfg.smtp_sasl_tls_security_options)
         self.sasl_tables = []

@@ -351,6 +351,16 @@ class AgentClient:
         return qid, self.request(qid, range(len(recipients)), nexthop)
 
 
+def reload(inst):
+    """pymta reload, then wait until the processes of the old configuration
+    are gone."""
+    before = inst.log().count("reload -- version")
+    old = set(inst.children())
+    inst.pymta("reload")
+    wait_for(lambda: inst.log().count("reload -- version") > before, what="the reload")
+    wait_for(lambda: not old & set(inst.children()), what="the old processes to leave")
+
+
 def agent_instance(world, **settings):
     inst = world.instance("a", "mx.a.test", "a.test",
                           master_cf="smtp unix - - n - - smtp\n", **settings)
@@ -476,9 +486,7 @@ def test_sasl_to_a_relay(world):
     assert g[0]["reason"] == ("SASL authentication failed; cannot authenticate to server "
                               "127.0.0.1[127.0.0.1]: no mechanism available")
     client.inst.postconf_e(smtp_sasl_security_options="noanonymous")
-    client.inst.pymta("reload")
-    wait_for(lambda: "reload" in client.inst.log(), what="reload")
-    time.sleep(1)
+    reload(client.inst)
     _, g = client.deliver(["bob@b.test"], nexthop)
     assert g[0]["result"] == "sent", g
     token = base64.b64encode(b"\0relayuser\0s3cret-Pass").decode()
@@ -607,6 +615,28 @@ def test_452_too_many_recipients_go_again_on_the_same_connection(world):
     assert re.search(rf"{qid}: to=<dave@b\.test>, relay=\S+, conn_use=3, ", log)
     for name in ("bob", "carol", "dave"):
         wait_for(lambda: new_mail(b, "b.test", name), what=f"mail for {name} at B")
+
+
+def test_failed_handshake_plaintext_only_under_may(world):
+    b = world.instance("b", "mx.b.test", "b.test", smtpd_tls_protocols=">=TLSv1.3")
+    add_user(b, "bob@b.test")
+    b.start()
+    wait_for(lambda: listening("127.0.0.1", b.ports["smtp"]), what="B's smtpd")
+    nexthop = f"[127.0.0.1]:{b.ports['smtp']}"
+    client = agent_instance(world, smtp_tls_protocols="<=TLSv1.2")
+    qid, g = client.deliver(["bob@b.test"], nexthop)
+    assert g[0]["result"] == "sent", g
+    log = client.inst.log()
+    assert f"warning: TLS handshake with 127.0.0.1[127.0.0.1]:{b.ports['smtp']} failed" in log
+    assert f"{qid}: TLS is not required for 127.0.0.1[127.0.0.1]:{b.ports['smtp']}: " \
+           "trying again without TLS" in log
+    wait_for(lambda: new_mail(b, "b.test", "bob"), what="mail at B")
+    assert b"(using TLS" not in new_mail(b, "b.test", "bob")[0]
+    client.inst.postconf_e(smtp_tls_security_level="encrypt")
+    reload(client.inst)
+    _, g = client.deliver(["bob@b.test"], nexthop)
+    assert (g[0]["result"], g[0]["dsn"]) == ("deferred", "4.7.5"), g
+    assert g[0]["reason"] == "Cannot start TLS: handshake failure"
 
 
 # -- end to end: sendmail -> qmgr -> smtp -> remote ---------------------------------------------
