@@ -10,7 +10,7 @@ PYTHON     ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo 
 VENV       := .venv
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
-DEB_TEST   := swaks msmtp mpop isync dnsmasq-base postfix fail2ban pflogsumm
+DEB_TEST   := swaks msmtp mpop isync fetchmail dnsmasq-base postfix fail2ban pflogsumm
 PYTEST_ARGS ?=
 
 .PHONY: run test bench venv test-deps clean

@@ -32,12 +32,8 @@ import sys
 import click
 
 from pymta.core import config, users
+from pymta.core.maildir import virtual_mailbox_path
 from pymta.core.errors import ConfigError, EX_CONFIG, EX_NOUSER, EX_UNAVAILABLE
-
-
-def mailbox_path(cfg, address):
-    local, _, domain = address.rpartition("@")
-    return os.path.join(cfg.virtual_mailbox_base, domain.lower(), local)
 
 
 def mdedup_command(maildir, apply):
@@ -68,7 +64,7 @@ def dedup(config_dir, apply, address):
     if entry is None:
         click.echo(f"pymta: fatal: unknown user {address}", err=True)
         raise SystemExit(EX_NOUSER)
-    maildir = mailbox_path(cfg, entry.address)
+    maildir = virtual_mailbox_path(cfg.virtual_mailbox_base, entry.address)
     if not os.path.isdir(os.path.join(maildir, "cur")):
         click.echo(f"pymta: {entry.address}: no mailbox yet ({maildir})")
         return

@@ -53,7 +53,7 @@ import sys
 
 import click
 
-from pymta.core import config, users
+from pymta.core import config, maildir, users
 from pymta.core.errors import (ConfigError, EX_CANTCREAT, EX_CONFIG, EX_DATAERR,
                                EX_NOUSER, EX_USAGE)
 
@@ -87,8 +87,7 @@ class _Setup:
         self.base = cfg.virtual_mailbox_base
 
     def mailbox(self, address):
-        local, _, domain = address.rpartition("@")
-        return os.path.join(self.base, domain, local)
+        return maildir.virtual_mailbox_path(self.base, address)
 
 
 def _read_password():

@@ -489,3 +489,14 @@ def maildir_size(maildir, folders=True):
                 total += _size_of(d, name) or 0
     return total
 
+
+
+def virtual_mailbox_path(base, address):
+    """The Maildir of a virtual user: base/<domain, lower case>/<localpart as spelled>.
+
+    `address` is the spelling of etc/users (users.py returns it), so every
+    program that finds a mailbox (local, pop3d, pymta user, dedup) agrees."""
+    local, _, domain = address.rpartition("@")
+    if not local or not domain or "/" in address or local in (".", "..") or domain in (".", ".."):
+        raise ValueError(f"not a mailbox address: {address!r}")
+    return os.path.join(base, domain.lower(), local)

@@ -935,8 +935,7 @@ class Delivery:
         if entry is None:
             self.failure(target, ctx, addr, BOUNCED, "5.1.1", f"unknown user: \"{addr.lower()}\"")
             return
-        vlocal, _, vdomain = entry.rpartition("@")
-        path = os.path.join(a.virtual_base, vdomain.lower(), vlocal)
+        path = maildir.virtual_mailbox_path(a.virtual_base, entry)
         self.add(target, Leaf("maildir", addr, ctx.sender, ctx.owner, a.mail_owner, path,
                               ext=matched_ext, chown=a.virtual_chown,
                               key=("maildir", path, matched_ext)))

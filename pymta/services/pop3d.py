@@ -449,8 +449,7 @@ class Service:
         return s
 
     def maildir_of(self, address):
-        local, _, domain = address.rpartition("@")
-        return os.path.join(self.base, domain.lower(), local)
+        return maildir.virtual_mailbox_path(self.base, address)
 
     async def handle(self, conn):
         await Session(self, conn).run()
@@ -604,30 +603,12 @@ class Session:
 
     async def _start_tls(self):
         await self._flush()
-        loop = asyncio.get_running_loop()
-        transport = self.writer.transport
-        protocol = transport.get_protocol()
-        # Plaintext the client sent after STLS must not be taken as sent
-        # under TLS: stop reading plaintext now (start_tls resumes reading
-        # through TLS), then drop what asyncio has already read. StreamReader
-        # has no public way to drop its buffer.
-        transport.pause_reading()
-        await self.writer.drain()
-        buffered = getattr(self.reader, "_buffer", None)
-        if buffered:
-            self.engine.discarded_after_stls += len(buffered)
-            buffered.clear()
         try:
-            new = await loop.start_tls(transport, protocol, self.service.tls.context,
-                                       server_side=True, ssl_handshake_timeout=60)
+            self.reader, self.writer = await self.conn.start_tls(self.service.tls.context)
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as e:
             self.tls_error = f"TLS handshaking failed: {e}"
             self.end = "dropped"
             return False
-        self.writer = asyncio.StreamWriter(new, protocol, self.reader, loop)
-        replace = getattr(protocol, "_replace_writer", None)
-        if replace is not None:
-            replace(self.writer)        # what StreamWriter.start_tls does
         self.tls_active = True
         if self.engine.discarded_after_stls:
             log.info(f"discarded {self.engine.discarded_after_stls} bytes of plaintext sent "

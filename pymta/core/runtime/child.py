@@ -32,7 +32,8 @@ from pymta.core.errors import ConfigError, EX_CONFIG, EX_USAGE
 from pymta.core.runtime import (LIFELINE_FD, LISTEN_FD, STATUS_FD, STATUS_FORMAT,
                                 STAT_AVAIL, STAT_TAKEN, STAT_USED)
 
-DRAIN_TIME = 10.0       # seconds a leaving process gives its open connections
+DRAIN_TIME = 10.0       # seconds a stopped process gives its open connections
+STREAM_LIMIT = 1 << 20  # StreamReader buffer limit
 
 
 class ServiceContext:
@@ -66,6 +67,29 @@ class Connection:
         else:
             self.peer_addr, self.peer_port = "", 0
         self.listen_sock = listen_sock
+
+    async def start_tls(self, ssl_context, handshake_timeout=60):
+        """Turn this connection into a server-side TLS one (STARTTLS, STLS).
+
+        Plaintext the peer sent after the command that started this (and
+        that asyncio has already read) must never be taken as sent under
+        TLS, or commands could be injected (CVE-2011-0411).  So the old
+        reader, with whatever it still buffers, is abandoned: a fresh
+        reader and protocol receive the decrypted stream.  self.reader and
+        self.writer are replaced; errors of the handshake are raised."""
+        loop = asyncio.get_running_loop()
+        transport = self.writer.transport
+        transport.pause_reading()
+        await self.writer.drain()
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        tls_transport = await loop.start_tls(transport, protocol, ssl_context, server_side=True,
+                                             ssl_handshake_timeout=handshake_timeout)
+        # start_tls does not call connection_made on the protocol it is given.
+        protocol.connection_made(tls_transport)
+        self.reader = reader
+        self.writer = asyncio.StreamWriter(tls_transport, protocol, reader, loop)
+        return self.reader, self.writer
 
     def peer_credentials(self):
         """(pid, uid, gid) of a Unix-socket peer (SO_PEERCRED)."""
@@ -138,6 +162,7 @@ class _Server:
         self.last_activity = time.monotonic()
         self.done = None
         self.loop = None
+        self.drain_limit = None
 
     # -- status to the master ------------------------------------------------
     def report(self, status):
@@ -150,7 +175,7 @@ class _Server:
         except OSError:
             # The master is gone (EPIPE): leave as on lifeline EOF.
             self.ctx.under_master = False
-            self.leave("master status pipe closed")
+            self.leave("master status pipe closed", urgent=True)
             return
         if status != STAT_USED:
             self.reported = status
@@ -196,7 +221,7 @@ class _Server:
                 return
 
     async def run_one(self, conn, lsock):
-        reader = asyncio.StreamReader(limit=1 << 20, loop=self.loop)
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=self.loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=self.loop)
         try:
             transport, _ = await self.loop.connect_accepted_socket(
@@ -206,10 +231,12 @@ class _Server:
             log.info(f"connection setup failed: {e}")
             conn.close()
             return
-        writer = asyncio.StreamWriter(transport, protocol, reader, self.loop)
+        connection = Connection(reader, asyncio.StreamWriter(transport, protocol, reader, self.loop),
+                                conn, lsock)
         try:
-            await self.handler(Connection(reader, writer, conn, lsock))
+            await self.handler(connection)
         finally:
+            writer = connection.writer      # the TLS one after start_tls
             if not writer.is_closing():
                 writer.close()
             try:
@@ -228,14 +255,19 @@ class _Server:
             for line in traceback.format_exception(exc):
                 for part in line.rstrip().splitlines():
                     log.verbose(part)
-        if self.leaving:
-            if not self.active and not self.done.done():
-                self.done.set_result(None)
-        elif len(self.active) < self.cap:
+        if not self.leaving and len(self.active) < self.cap:
             self.resume()
 
     # -- leaving -----------------------------------------------------------------
-    def leave(self, reason):
+    def leave(self, reason, urgent=False):
+        """Stop accepting and exit once the open connections are done.
+
+        After max_use or max_idle (not urgent) they may take as long as they
+        need: the master already counts this process out.  When stopped
+        (SIGTERM: reload or shutdown) or orphaned (urgent), they get
+        DRAIN_TIME, then their handlers are cancelled."""
+        if urgent:
+            self.drain_limit = DRAIN_TIME
         if self.leaving:
             return
         self.leaving = True
@@ -245,7 +277,7 @@ class _Server:
         self.report(STAT_TAKEN)
         for s in self.ctx.listen_socks:
             s.close()
-        if not self.active and not self.done.done():
+        if not self.done.done():
             self.done.set_result(None)
 
     def on_lifeline(self):
@@ -255,7 +287,7 @@ class _Server:
             data = b""
         if not data:
             self.loop.remove_reader(LIFELINE_FD)
-            self.leave("master disconnect -- exiting")
+            self.leave("master disconnect -- exiting", urgent=True)
 
     async def idle_watch(self):
         while not self.leaving:
@@ -266,7 +298,7 @@ class _Server:
     async def run(self, main):
         self.loop = asyncio.get_running_loop()
         self.done = self.loop.create_future()
-        self.loop.add_signal_handler(signal.SIGTERM, self.leave, "terminated -- exiting")
+        self.loop.add_signal_handler(signal.SIGTERM, self.leave, "terminated -- exiting", True)
         if self.ctx.under_master:
             self.loop.add_reader(LIFELINE_FD, self.on_lifeline)
         self.resume()
@@ -277,10 +309,19 @@ class _Server:
         if main_task:
             main_task.add_done_callback(lambda t: self.leave(None))
         await self.done
-        if self.active:
-            _, pending = await asyncio.wait(self.active, timeout=DRAIN_TIME)
-            for t in pending:
-                t.cancel()
+        deadline = None
+        while self.active:
+            # Polled each second, so a SIGTERM during an unbounded drain
+            # (after max_use) still bounds it.
+            if self.drain_limit is not None and deadline is None:
+                deadline = time.monotonic() + self.drain_limit
+            timeout = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            _, pending = await asyncio.wait(set(self.active), timeout=timeout)
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                for t in pending:
+                    t.cancel()
+                await asyncio.wait(pending, timeout=2)
+                break
         for t in tasks:
             t.cancel()
         if main_task and not main_task.done():
