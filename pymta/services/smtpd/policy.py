@@ -732,8 +732,7 @@ class Policy:
     def r_defer_unauth_destination(self, req, rcpt, stage, state):
         if rcpt is None or self.is_local_destination(rcpt):
             return None
-        code = self.cfg.defer_code
-        return Reject(code, _fix_dsn(code, "4.7.1"), f"<{rcpt}>: Relay access denied")
+        return Reject(454, "4.7.1", f"<{rcpt}>: Relay access denied")
 
     def r_reject_unlisted_recipient(self, req, rcpt, stage, state):
         if rcpt is None:

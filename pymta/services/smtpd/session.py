@@ -38,6 +38,9 @@ from pymta.services.smtpd.policy import (
 
 READ_SIZE = 4 << 20         # more than the stream reader ever buffers: one read takes it all
 WRITE_HIGH = 256 << 10      # wait for the client to read when this much is unsent
+TAIL = 512                  # last input octets kept to name the last command in logs
+_VERBS = frozenset(("EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "VRFY",
+                    "QUIT", "HELP", "STARTTLS", "AUTH"))
 
 
 class Server:
@@ -126,7 +129,9 @@ def _replace(settings, **changes):
 
 
 class _Lost(Exception):
-    """The client went away (or the TLS handshake failed): end quietly."""
+    """The session cannot go on: the client went away, stopped reading, or
+    the TLS handshake failed.  The message (if any) is the log line;
+    without one, "lost connection after ..." is logged."""
 
 
 class Session:
@@ -142,7 +147,8 @@ class Session:
         self.req = Request(conn.peer_addr or "unknown", "unknown", local)
         self.out = []
         self.paused = False
-        self.where = "CONNECT"
+        self.where = "CONNECT"     # last command that asked for a decision
+        self.tail = b""
         self.tls_info = ""
         self.auth = None
         self.engine = None
@@ -163,8 +169,11 @@ class Session:
         over = srv.limits.connect(req.client_addr, req.client_name, req.client_ip)
         try:
             await self._session(over)
-        except _Lost:
-            self._log_lost()
+        except _Lost as e:
+            if e.args:
+                log.info(e.args[0])
+            else:
+                self._log_lost()
         except (ConnectionError, OSError) as e:
             log.verbose(f"{req.namaddr}: {e}")
             self._log_lost()
@@ -205,6 +214,7 @@ class Session:
                 return
             if not data:
                 raise _Lost()
+            self.tail = data[-TAIL:]
             e.feed(data)
             await self.pump()
 
@@ -259,7 +269,11 @@ class Session:
         w.write(data)
         if w.transport.get_write_buffer_size() > WRITE_HIGH:
             self.pause()
-            await w.drain()
+            try:
+                async with asyncio.timeout(self.server.timeout):
+                    await w.drain()
+            except TimeoutError:
+                raise _Lost(f"timeout after {self._where()} from {self.req.namaddr}") from None
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -468,8 +482,8 @@ class Session:
             new = await self.loop.start_tls(transport, protocol, srv.tls.context, server_side=True,
                                             ssl_handshake_timeout=srv.timeout)
         except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as err:
-            log.info(f"SSL_accept error from {req.namaddr}: {err}")
-            raise _Lost() from None
+            log.info(f"SSL_accept error from {req.namaddr}: {err or type(err).__name__}")
+            raise _Lost(f"lost connection after STARTTLS from {req.namaddr}") from None
         # What StreamWriter.start_tls() does; it cannot be used here because
         # it takes the stream for a client's when the protocol was made
         # without a client_connected_cb, as the runtime skeleton makes it.
@@ -522,33 +536,45 @@ class Session:
             tail.append(f"helo=<{printable(req.helo)}>")
         log.info(f"NOQUEUE: reject: {stage} from {req.namaddr}: {verdict}; {' '.join(tail)}")
 
-    def _log_lost(self):
+    def _where(self):
+        """The last command, for "... after CMD from ..." (Postfix's state->where)."""
         e = self.engine
-        if e is not None and e.state is State.DATA:
-            self.where = "DATA"
-        elif e is not None and e.state is State.BDAT:
-            self.where = "BDAT"
-        log.info(f"lost connection after {self.where} from {self.req.namaddr}")
+        state = e.state if e is not None else None
+        if state is State.DATA or state is State.BDAT or state is State.STARTTLS:
+            return state.name
+        if state is State.AUTH:
+            return "AUTH"
+        lines = self.tail.split(b"\n")
+        if len(lines) >= 2:
+            words = lines[-2].split(None, 1)
+            if words:
+                verb = words[0].upper().decode("ascii", "replace")
+                if verb in _VERBS:
+                    return verb
+                if self.where not in ("END-OF-MESSAGE", "AUTH"):
+                    return "UNKNOWN"
+        return self.where
+
+    def _log_lost(self):
+        log.info(f"lost connection after {self._where()} from {self.req.namaddr}")
 
     def _closed(self, ev):
         namaddr = self.req.namaddr
         reason = ev.reason
-        if reason is CloseReason.QUIT:
-            self.where = "QUIT"
-        elif reason is CloseReason.PIPELINING:
+        if reason is CloseReason.PIPELINING:
             head, _, rest = ev.detail.partition(": ")
             log.info(f"{head} from {namaddr}: {rest}")
         elif reason is CloseReason.NON_SMTP:
             log.warning(f"non-SMTP command from {namaddr}: {ev.detail}")
         elif reason is CloseReason.TIMEOUT:
-            log.info(f"timeout after {self.where} from {namaddr}")
+            log.info(f"timeout after {self._where()} from {namaddr}")
         elif reason is CloseReason.ERROR_LIMIT:
-            log.info(f"too many errors after {self.where} from {namaddr}")
+            log.info(f"too many errors after {self._where()} from {namaddr}")
         elif reason in (CloseReason.BARE_LF, CloseReason.BARE_CR):
-            where = "DATA" if self.where in ("DATA", "BDAT") else self.where
+            where = self.where if self.where == "DATA" else self._where()
             log.info(f"{reason.value} after {where} from {namaddr}")
         elif reason is CloseReason.OVERFLOW:
-            log.warning(f"{reason.value} after {self.where} from {namaddr}")
+            log.warning(f"{reason.value} after {self._where()} from {namaddr}")
 
 
 def _message_attrs(params):
