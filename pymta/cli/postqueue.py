@@ -74,8 +74,11 @@ LIST_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 MARKERS = {"active": "*", "hold": "!"}
 EMPTY_SENDER = "MAILER-DAEMON"
 HEADINGS = ("----Queue ID-----", "--Size--", "---Arrival Time----", "--Sender/Recipient------")
-ENV_CHUNK = 64 * 1024
+FIRST_READ = 8192       # header, content and envelope of most messages
+ENV_CHUNK = 16384
 ENV_MAX = 1 << 30
+LOG_CHUNK = 4096
+LOG_MAX = 64 << 20
 FLUSH_TRIGGER = b"FADI"
 _HEADER_RE = re.compile(rb"HPYMTA1 ([0-9]{16})\nM")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
@@ -96,6 +99,8 @@ def warn(text):
 
 
 def printable(text):
+    if text.isprintable():
+        return text
     return _UNPRINTABLE.sub("?", text)
 
 
@@ -118,30 +123,22 @@ class Listing:
 def read_envelope(path):
     """(arrival time, content size, sender, pending recipients) of the
     queue file at `path`, reading only its header and envelope (see
-    pymta/core/qfile.py for the layout).  UnreadableFile if damaged."""
+    pymta/core/qfile.py for the layout): one read for a small message,
+    two for a larger one.  UnreadableFile if it is damaged."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        m = _HEADER_RE.fullmatch(os.pread(fd, CONTENT_OFFSET, 0))
+        head = os.pread(fd, FIRST_READ, 0)
+        m = _HEADER_RE.match(head)
         if m is None:
             raise UnreadableFile("not a pymta queue file")
-        size = int(m.group(1))
-        offset = CONTENT_OFFSET + size
-        env = os.pread(fd, ENV_CHUNK, offset)
-        if len(env) == ENV_CHUNK:
-            parts = [env]
-            got = len(env)
-            while True:
-                more = os.pread(fd, ENV_CHUNK, offset + got)
-                if not more:
-                    break
-                parts.append(more)
-                got += len(more)
-                if got > ENV_MAX:
-                    raise UnreadableFile("envelope too large")
-            env = b"".join(parts)
+        offset = CONTENT_OFFSET + int(m.group(1))
+        if len(head) < FIRST_READ:
+            env = head[offset:]                 # the whole file is in `head`
+        else:
+            env = _read_from(fd, offset)
     finally:
         os.close(fd)
-    if not env.startswith(b"\n") or not env.endswith(b"\nE\n"):
+    if env[:1] != b"\n" or env[-3:] != b"\nE\n":
         raise UnreadableFile("truncated")
     arrival = 0.0
     sender = None
@@ -160,25 +157,71 @@ def read_envelope(path):
                 raise UnreadableFile("bad arrival time") from None
     if sender is None:
         raise UnreadableFile("no sender")
-    return arrival, size, sender, recipients
+    return arrival, int(m.group(1)), sender, recipients
 
 
-def _with_reasons(queue, qid, pending):
+def _read_from(fd, offset):
+    parts = []
+    got = 0
+    while True:
+        more = os.pread(fd, ENV_CHUNK, offset + got)
+        if not more:
+            return b"".join(parts)
+        parts.append(more)
+        got += len(more)
+        if got > ENV_MAX:
+            raise UnreadableFile("envelope too large")
+
+
+def read_reasons(path):
+    """(recipient, reason) pairs of a defer log, oldest first ([] if there
+    is none).  The log format is Queue.append_log's: name=value lines, an
+    empty line after each entry; a last entry without it is cut off."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    try:
+        data = os.read(fd, LOG_CHUNK)
+        if len(data) == LOG_CHUNK:
+            parts = [data]
+            size = len(data)
+            while size <= LOG_MAX:
+                more = os.read(fd, LOG_CHUNK)
+                if not more:
+                    break
+                parts.append(more)
+                size += len(more)
+            data = b"".join(parts)
+    finally:
+        os.close(fd)
+    out = []
+    for block in data.split(b"\n\n")[:-1]:
+        rcpt = reason = ""
+        for line in block.split(b"\n"):
+            if line.startswith(b"recipient="):
+                rcpt = line[10:].decode("utf-8", "replace")
+            elif line.startswith(b"reason="):
+                reason = line[7:].decode("utf-8", "replace")
+        out.append((rcpt, reason))
+    return out
+
+
+def _with_reasons(log_path, pending):
     """Pending recipients with their defer reasons: those in the defer log
     first (in its order), then the rest, as Postfix's showq."""
     try:
-        entries = queue.read_log("defer", qid)
-    except (OSError, ValueError):
+        entries = read_reasons(log_path)
+    except OSError:
         entries = []
     if not entries:
         return [(r, "") for r in pending]
     wanted = set(pending)
     out, seen = [], set()
-    for e in entries:
-        addr = e.get("recipient", "")
+    for addr, why in entries:
         if addr in wanted and addr not in seen:
             seen.add(addr)
-            out.append((addr, e.get("reason", "")))
+            out.append((addr, why))
     out.extend((r, "") for r in pending if r not in seen)
     return out
 
@@ -187,7 +230,11 @@ def scan_queue(queue, queue_names=LIST_QUEUES):
     """Listing objects for every message, queue by queue, in directory
     order.  Files that vanish while we look are skipped; damaged ones are
     reported on stderr and skipped."""
+    top = queue.directory
+    defer_top = queue.dir("defer")
+    depth = queue.hash_depth
     for name in queue_names:
+        prefix = len(os.path.join(top, name)) + 1
         for entry in queue._scan_dirs(name):
             qid = entry.name
             try:
@@ -202,7 +249,14 @@ def scan_queue(queue, queue_names=LIST_QUEUES):
             except OSError as e:
                 warn(f"{name}/{qid}: {e.strerror or e}")
                 continue
-            yield Listing(name, qid, arrival, size, sender, _with_reasons(queue, qid, pending))
+            # The defer log sits at the same hashed place as the message,
+            # unless the message is not where hash_queue_depth puts it.
+            rel = entry.path[prefix:]
+            if rel.count("/") == depth and name != "maildrop":
+                log_path = defer_top + "/" + rel
+            else:
+                log_path = queue.path("defer", qid)
+            yield Listing(name, qid, arrival, size, sender, _with_reasons(log_path, pending))
 
 
 # -- output ------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ next qmgr finds it (at worst one recipient is delivered twice).
 """
 
 import asyncio
+import concurrent.futures
 import errno
 import time
 from collections import deque
@@ -51,6 +52,7 @@ TRANSPORT_RETRY_TIME = 60.0     # Postfix's transport_retry_time
 UNLIMITED = 1 << 30
 FEED_BATCH = 200                # activations between two looks at the event loop
 INCOMING_SCAN_INTERVAL = 60.0   # besides triggers, in case one is lost
+INCOMING_SCAN_GAP = 0.01        # at most 100 incoming scans a second, however many triggers
 HOUSEKEEPING_INTERVAL = 10.0
 TEMP_CLEAN_INTERVAL = 3600.0
 DRAIN_TIME = 5.0                # seconds running deliveries get when qmgr stops
@@ -60,7 +62,7 @@ TRANSPORT_ERROR = "unknown mail transport error"
 class Message:
     """A message in the active queue."""
 
-    __slots__ = ("qid", "qf", "source", "active_time", "jobs_left", "deferred")
+    __slots__ = ("qid", "qf", "source", "active_time", "jobs_left", "deferred", "old_log")
 
     def __init__(self, qf, source, active_time):
         self.qid = qf.queue_id
@@ -69,6 +71,9 @@ class Message:
         self.active_time = active_time
         self.jobs_left = 0
         self.deferred = {}          # recipient index -> (dsn, reason)
+        # The defer log may hold reasons of an earlier attempt: it goes
+        # before this attempt writes its first reason (or with the message).
+        self.old_log = source != "incoming"
 
 
 class Job:
@@ -118,6 +123,11 @@ class Transport:
             self.ready.append(dest)
 
 
+def _resolve(fut):
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _limit(value):
     return value if value > 0 else UNLIMITED
 
@@ -136,7 +146,9 @@ class Scheduler:
         self.messages = {}
         self.transports = {}
         self.tasks = set()
-        self.wake = asyncio.Event()
+        self.reaper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reaper")
+        self._waiter = None
+        self._woken = False
         self.want_incoming = True
         self.want_deferred = True
         self.ignore_time = False
@@ -158,7 +170,30 @@ class Scheduler:
                 self.ignore_time = True
             elif c == "F":
                 self.revive_transports()
-        self.wake.set()
+        self.wake()
+
+    def wake(self):
+        """Have the main loop look at its flags and feed the active queue."""
+        self._woken = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _sleep(self, timeout):
+        """Wait for wake() or `timeout` seconds.  A plain future and
+        call_later, not asyncio.wait_for on an Event: on Python 3.11
+        wait_for can swallow a cancellation that arrives as the event is
+        set, and then qmgr would never stop."""
+        if self._woken:
+            self._woken = False
+            return
+        fut = self._waiter = self.loop.create_future()
+        timer = self.loop.call_later(timeout, _resolve, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._waiter = None
+            self._woken = False
 
     def revive_transports(self):
         for tr in self.transports.values():
@@ -176,6 +211,7 @@ class Scheduler:
         next_deferred = now
         next_house = now + HOUSEKEEPING_INTERVAL
         next_temp = now
+        last_incoming = now - INCOMING_SCAN_GAP
         try:
             while True:
                 now = time.monotonic()
@@ -183,8 +219,10 @@ class Scheduler:
                     self.want_incoming = True
                 if now >= next_deferred:
                     self.want_deferred = True
-                if self.want_incoming:
+                if self.want_incoming and now - last_incoming >= INCOMING_SCAN_GAP:
+                    # Triggers that come during the gap share one scan.
                     self.want_incoming = False
+                    last_incoming = now
                     next_incoming = now + INCOMING_SCAN_INTERVAL
                     self._scan("incoming", self.scanner.scan_incoming)
                 if self.want_deferred:
@@ -201,13 +239,12 @@ class Scheduler:
                 if self.feed():
                     await asyncio.sleep(0)
                     continue
-                timeout = min(next_incoming, next_deferred, next_house) - time.monotonic()
+                due = min(next_incoming, next_deferred, next_house)
+                if self.want_incoming:
+                    due = min(due, last_incoming + INCOMING_SCAN_GAP)
+                timeout = due - time.monotonic()
                 if timeout > 0:
-                    try:
-                        await asyncio.wait_for(self.wake.wait(), timeout)
-                    except asyncio.TimeoutError:
-                        pass
-                self.wake.clear()
+                    await self._sleep(timeout)
         except asyncio.CancelledError:
             await self.drain()
             raise
@@ -236,6 +273,8 @@ class Scheduler:
             await asyncio.wait(set(self.tasks), timeout=DRAIN_TIME)
         for tr in self.transports.values():
             tr.pool.close_all()
+        reaper, self.reaper = self.reaper, None
+        reaper.shutdown(wait=True)
 
     # -- activation -----------------------------------------------------------------------
 
@@ -262,9 +301,6 @@ class Scheduler:
         now = time.time()
         msg = Message(qf, source, now)
         self.messages[msg.qid] = msg
-        if source != "incoming":
-            # Reasons of an earlier attempt; this attempt writes its own.
-            self.queue.remove_log("defer", msg.qid)
         log.info(f"{msg.qid}: from=<{qf.sender}>, size={qf.content_size}, "
                  f"nrcpt={len(qf.recipients)} (queue active)")
         routes = {}
@@ -450,6 +486,9 @@ class Scheduler:
     def record_defer(self, msg, rcpt, dsn, reason, relay="none"):
         msg.deferred[rcpt.index] = (dsn, reason)
         try:
+            if msg.old_log:
+                msg.old_log = False
+                self.queue.remove_log("defer", msg.qid)
             self.queue.append_log("defer", msg.qid, rcpt.address, dsn, "deferred", reason,
                                   self._extra(rcpt, relay))
         except OSError as e:
@@ -505,20 +544,39 @@ class Scheduler:
         keep = bool(pending)
         if not self.send_bounces(msg):
             keep = True
-        try:
-            if keep:
+        del self.messages[qid]
+        if keep:
+            try:
                 self.defer_message(msg, pending, now)
+            except FileNotFoundError:
+                # postsuper took it (deleted or put on hold) while we worked.
+                log.verbose(f"{qid}: left the active queue while being delivered")
+            except OSError as e:
+                log.error(f"{qid}: cannot move to the deferred queue: {e.strerror or e}")
+            qf.close()
+        else:
+            # Freeing a file's blocks can take milliseconds (file systems
+            # mounted with discard): a thread does it, not the event loop.
+            # Should qmgr die before, the file is found in active/ with
+            # every recipient done and removed then.
+            if self.reaper is not None:
+                self.reaper.submit(self.remove, qid, qf)
             else:
-                self.queue.remove("active", qid)
-                log.info(f"{qid}: removed")
+                self.remove(qid, qf)
+        self.wake()
+
+    def remove(self, qid, qf):
+        """Remove a finished message (in the reaper thread)."""
+        try:
+            self.queue.remove("active", qid)
         except FileNotFoundError:
-            # postsuper took it (deleted or put on hold) while we worked.
             log.verbose(f"{qid}: left the active queue while being delivered")
         except OSError as e:
-            log.error(f"{qid}: cannot update the queue: {e.strerror or e}")
-        del self.messages[qid]
-        qf.close()
-        self.wake.set()
+            log.error(f"{qid}: cannot remove from the active queue: {e.strerror or e}")
+        else:
+            log.info(f"{qid}: removed")
+        finally:
+            qf.close()
 
     def send_bounces(self, msg):
         """One notice for the bounce log, then the log goes.  False when
