@@ -228,8 +228,7 @@ class ClientLimits:
             return None
         if self.exceptions.match(addr, name, ip):
             return None
-        if self.count_limit and self.counts[addr] > self.count_limit:
-            return ("count", self.counts[addr])
+        rate = 0
         if self.rate_limit:
             now = self.clock()
             q = self.times.get(addr)
@@ -238,10 +237,13 @@ class ClientLimits:
             while q and now - q[0] >= self.rate_unit:
                 q.popleft()
             q.append(now)
+            rate = len(q)
             if len(self.times) > DNS_CACHE_SIZE:
                 self._prune(now)
-            if len(q) > self.rate_limit:
-                return ("rate", len(q))
+        if self.count_limit and self.counts[addr] > self.count_limit:
+            return ("count", self.counts[addr])
+        if self.rate_limit and rate > self.rate_limit:
+            return ("rate", rate)
         return None
 
     def disconnect(self, addr):
