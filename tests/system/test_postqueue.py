@@ -5,14 +5,12 @@ directly); flushing runs with qmgr and the fake delivery agent."""
 
 import json
 import os
-import re
 import shutil
 import time
 
 import pytest
 
 from pymta.core.queue_id import new_queue_id
-from tests.conftest import wait_for
 from tests.system.test_qmgr import BODY, Rig
 
 HEADING = "----Queue ID----- --Size-- ---Arrival Time---- --Sender/Recipient------"

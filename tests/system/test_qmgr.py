@@ -14,7 +14,6 @@ import time
 import pytest
 
 from pymta.core import dsn as dsnlib
-from pymta.core.qfile import QueueFile
 from pymta.core.queue import Queue
 from pymta.core.trigger import send_trigger
 from tests.conftest import wait_for
@@ -413,6 +412,20 @@ def test_undeliverable_bounce_goes_to_postmaster_and_never_loops(instance):
     assert rig.empty()
 
 
+def test_notify_classes_bounce_copies_the_postmaster(instance):
+    rig = make_rig(instance, main_cf={"notify_classes": "bounce, resource, software"})
+    rig.behave(rcpt={"gone@test.example": {"result": "bounced", "dsn": "5.1.1"}})
+    qid = rig.send("alice@test.example", "gone@test.example")
+    rig.wait_removed(qid)
+    to_sender = notice_id(instance, qid)
+    copy = notice_id(instance, qid, "postmaster non-delivery")
+    rig.wait_removed(to_sender)
+    rig.wait_removed(copy)
+    senders = {r["queue_id"]: (r["sender"], r["rcpts"]) for r in rig.records()}
+    assert senders[to_sender] == ("", ["alice@test.example"])
+    assert senders[copy] == ("double-bounce@mx.test.example", ["postmaster@mx.test.example"])
+
+
 # -- transports and routes ----------------------------------------------------------------------------
 
 def test_transport_maps_error_discard_and_relay(instance):
@@ -508,15 +521,16 @@ def test_damaged_file_goes_to_corrupt(instance):
     instance.wait_log(f'saving corrupt file "{qid}" from queue "incoming" to queue "corrupt"')
 
 
-# -- crashes ------------------------------------------------------------------------------------------------
+# -- stopping and crashes ------------------------------------------------------------------------------------------------
 
 def test_kill_9_of_qmgr_mid_burst_recovers_the_active_queue(instance):
-    rig = make_rig(instance)
+    rig = Rig(instance)
     rig.behave(delay=0.02)
     count = 300
+    # Queued before the start, so that qmgr takes them all at once.
     ids = rig.inject(*[dict(sender="a@test.example", rcpts=[f"r{i}@test.example"])
                        for i in range(count)])
-    rig.trigger()
+    instance.start()
     wait_for(lambda: len(rig.records()) >= 20, what="deliveries under way")
     victim = rig.qmgr_pid()
     os.kill(victim, signal.SIGKILL)
@@ -536,3 +550,18 @@ def test_kill_9_of_qmgr_mid_burst_recovers_the_active_queue(instance):
     # destination concurrency (local: 2).
     assert duplicates <= 2
     assert "message(s) left in the active queue" in instance.log()
+
+
+def test_stop_lets_running_deliveries_finish(instance):
+    rig = make_rig(instance)
+    rig.behave(delay=1.5)
+    qid = rig.send("alice@test.example", "bob@test.example")
+    wait_for(lambda: os.path.exists(os.path.join(rig.dir, f"started.{qid}")),
+             what="the delivery to begin")
+    instance.stop()
+    assert rig.where(qid) is None
+    assert f"{qid}: removed" in instance.log()
+    instance.start()
+    rig.trigger()
+    time.sleep(1)
+    assert len(rig.delivered_to("bob@test.example")) == 1

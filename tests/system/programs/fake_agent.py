@@ -12,7 +12,9 @@ BEHAVIOUR is a JSON file, read again for every request:
     {"default": {"result": "sent"},            result, dsn, reason
      "rcpt": {"bob@x": {"result": "bounced", "dsn": "5.1.1",
                         "reason": "unknown user"}},
-     "delay": 0.2,                             seconds per request
+     "delay": 0.2,                             seconds per request (and a
+                                               file started.<queue id> beside
+                                               RECORD when it begins)
      "error": "text",                          reply status=error
      "exit": true,                             die without replying
      "save": true}                             keep each message's content
@@ -75,6 +77,8 @@ def main():
         if how.get("exit"):
             os._exit(3)
         if how.get("delay"):
+            started = os.path.join(os.path.dirname(record_path), f"started.{request.queue_id}")
+            os.close(os.open(started, os.O_WRONLY | os.O_CREAT, 0o644))
             await asyncio.sleep(float(how["delay"]))
         if how.get("error"):
             raise agent.AgentError(how["error"])
