@@ -293,3 +293,29 @@ def test_replaced_certificate_is_served_after_reload(sub):
     assert new == expected
     assert wait_for(lambda: starttls_cert(sub.ports["submission"]) == expected, 30,
                     what="new certificate on submission")
+
+
+# ---------------------------------------------------------------- libexec/submission
+
+def test_submission_program_has_the_submission_defaults(instance):
+    add_user(instance, "alice@test.example")
+    port = instance.ports["submission"]
+    path = os.path.join(instance.etc, "master.cf")
+    with open(path) as f:
+        text = f.read()
+    text = re.sub(rf"(?m)^127\.0\.0\.1:{port} .*\n(?:[ \t]+.*\n)*",
+                  f"127.0.0.1:{port} inet n - n - - submission\n", text)
+    instance.write_master_cf(text)
+    instance.start()
+    c = Raw(port)
+    c.reply()
+    c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<alice@test.example>") == S530_TLS_FIRST
+    c.starttls()
+    assert "250-AUTH PLAIN LOGIN\r\n" in c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<alice@test.example>") == S530_AUTH_REQUIRED
+    assert c.cmd(f"AUTH PLAIN {plain('alice@test.example', PASSWORD)}") == S235_OK
+    assert c.cmd("MAIL FROM:<bob@test.example>") == S250_MAIL_OK
+    assert c.cmd("RCPT TO:<carol@remote.example>").startswith("553 5.7.1 <bob@test.example>")
+    c.cmd("QUIT")
+    instance.wait_log("pymta/submission/smtpd[")
