@@ -18,7 +18,7 @@ DESCRIPTION
     -r queue_id  Requeue: the message is written anew into maildrop/ with
                  its pending recipients, so that pickup and cleanup process
                  it again (rewriting, virtual aliases); it gets a new queue
-                 id.  ALL and - as for -d.
+                 id; pickup is woken.  ALL and - as for -d.
     -s           Structure check and repair: missing queue directories
                  made, modes and owners set (the one step done as root),
                  files moved to the subdirectory that hash_queue_depth puts
@@ -38,7 +38,7 @@ DESCRIPTION
 READS, WRITES
     queue_directory: every queue, the defer and bounce logs.
 SOCKETS
-    None.
+    -r: a wake-up trigger to run_directory/public/pickup.
 SECURITY
     Reserved to root (or to mail_owner itself).  As root it switches to the
     owner of the queue before touching a file, as Postfix's postsuper does,
@@ -62,6 +62,7 @@ from pymta.core.errors import ConfigError, EX_CONFIG, EX_NOPERM, EX_USAGE
 from pymta.core.qfile import POST_ATTRS, QueueFileError
 from pymta.core.queue import LOG_NAMES, QUEUE_NAMES, Queue
 from pymta.core.queue_id import valid_queue_id
+from pymta.core.trigger import WAKEUP, send_trigger, service_socket
 
 PROGRAM = "postsuper"
 USAGE = ("usage: postsuper [-c config_dir] [-d queue_id (delete)] [-h queue_id (hold)] "
@@ -359,6 +360,9 @@ def main(argv=None):
         fatal(f"{e.filename or 'queue'}: {e.strerror or e}")
     finally:
         work.report()
+    if work.requeued:
+        # pickup scans maildrop/ every minute anyway; this saves the wait.
+        send_trigger(service_socket(cfg, "pickup"), WAKEUP)
     return 0
 
 

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from pymta.core.queue_id import new_queue_id
+from tests.conftest import wait_for
 from tests.system.test_qmgr import BODY, Rig
 
 HEADING = "----Queue ID----- --Size-- ---Arrival Time---- --Sender/Recipient------"
@@ -243,6 +244,18 @@ def test_postsuper_requeue_goes_through_maildrop(rig):
         assert [(r.address, r.notify) for r in qf.recipients] == [("y@test.example", "FAILURE")]
         assert qf.attrs == {"ret": "HDRS"}
         assert qf.read_content() == BODY.encode()
+
+
+def test_requeued_message_is_picked_up_and_delivered(instance):
+    rig = Rig(instance, services=["pickup unix n - n 60 1 pickup"])
+    qid = rig.inject(dict(sender="bob@test.example", rcpts=["x@test.example"], content=BODY,
+                          queue="hold"))[0]
+    instance.start()
+    instance.cmd("postsuper", "-r", qid)
+    wait_for(lambda: rig.delivered_to("x@test.example"), what="the requeued message delivered")
+    [rec] = rig.records()
+    assert rec["queue_id"] != qid and rec["sender"] == "bob@test.example"
+    assert rig.ids("maildrop") == [] and rig.where(qid) is None
 
 
 def test_postsuper_purges_old_temporary_files(rig):

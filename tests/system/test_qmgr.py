@@ -64,7 +64,7 @@ def _as_owner(path):
 class Rig:
     """An instance whose delivery agents are fake_agent.py."""
 
-    def __init__(self, inst, transports=("local",), main_cf=None):
+    def __init__(self, inst, transports=("local",), main_cf=None, services=()):
         self.inst = inst
         self.dir = inst.path("fake")
         os.makedirs(self.dir, exist_ok=True)
@@ -74,6 +74,7 @@ class Rig:
         self.behave()
         lines = ["qmgr unix n - n 300 1 qmgr"]
         lines += [f"{t} unix - n n - - {FAKE} {self.behaviour} {self.record}" for t in transports]
+        lines += list(services)
         inst.write_master_cf("\n".join(lines) + "\n")
         if main_cf:
             inst.postconf_e(**main_cf)
