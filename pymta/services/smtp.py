@@ -204,7 +204,7 @@ def sasl_mechanisms(options):
 class Connection:
     """A connection to one server and the engine that talks on it."""
 
-    def __init__(self, host, port, reader, writer, engine, tls_context, tls_name, level):
+    def __init__(self, host, port, reader, writer, engine, tls_context, tls_name):
         self.host = host
         self.port = port
         self.reader = reader
@@ -212,7 +212,6 @@ class Connection:
         self.engine = engine
         self.tls_context = tls_context
         self.tls_name = tls_name
-        self.level = level
         self.tls_error = None
         self.opened = time.monotonic()
         self.uses = 0
@@ -285,7 +284,11 @@ class SmtpAgent:
         keys = [host.name, nexthop.text, f"[{nexthop.host}]:{nexthop.port}",
                 f"[{nexthop.host}]", nexthop.host]
         for key in dict.fromkeys(k.lower() for k in keys if k):
-            value = tables.lookup_tables(self.sasl_tables, key)
+            try:
+                value = tables.lookup_tables(self.sasl_tables, key)
+            except (PymtaError, OSError) as e:
+                raise TempFail("4.3.5", "mail system configuration error: "
+                               f"smtp_sasl_password_maps: {e}") from None
             if value is not None:
                 user, sep, password = value.partition(":")
                 if not sep or not user:
@@ -412,6 +415,7 @@ class SmtpAgent:
         failure of a connection that was never made has no `stage`: the
         caller counts sessions only with servers that answered."""
         port = nexthop.port
+        credentials = self.credentials(host, nexthop)
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host.address, port, limit=STREAM_LIMIT),
@@ -425,11 +429,11 @@ class SmtpAgent:
         settings = ClientSettings(
             helo_name=self.cfg.smtp_helo_name, peer=host.peer,
             use_tls=policy.use_tls and use_tls, require_tls=policy.mandatory,
-            credentials=self.credentials(host, nexthop),
+            credentials=credentials,
             mechanisms=self.plain_mechanisms, tls_mechanisms=self.tls_mechanisms)
         tls_name = nexthop.host if self.level == "secure" else host.name
         conn = Connection(host, port, reader, writer, SMTPClient(settings),
-                          self.tls_context, tls_name, self.level)
+                          self.tls_context, tls_name)
         ev = await self.drive(conn)
         if isinstance(ev, Ready):
             return conn, None
@@ -503,7 +507,7 @@ class Delivery:
         else:
             hosts = await smtp.resolver.host_addresses(nexthop.host)
         hosts = hosts[:max(1, self.cfg.smtp_mx_address_limit)]
-        failure, sessions = None, 0
+        failure, sessions, relay = None, 0, "none"
         for n, host in enumerate(hosts):
             conn, failure = await smtp.connect(host, nexthop, self.qid)
             if conn is not None:
@@ -512,6 +516,7 @@ class Delivery:
                 return
             reached = failure.stage is not None
             sessions += reached
+            relay = f"{host.peer}:{nexthop.port}" if reached else "none"
             last = n + 1 == len(hosts) or sessions >= max(1, self.cfg.smtp_mx_session_limit)
             if last:
                 break
@@ -522,7 +527,7 @@ class Delivery:
         dsn = failure.dsn
         if failure.stage is Stage.GREETING:
             dsn = "4" + dsn[1:]         # smtp_skip_5xx_greeting: a greeting never bounces
-        self.fail_all(dsn, failure.reason)
+        self.fail_all(dsn, failure.reason, relay)
 
     def envelope(self, positions):
         qf = self.qf

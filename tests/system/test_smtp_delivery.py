@@ -479,10 +479,12 @@ def test_sasl_to_a_relay(world):
         f.write(f"{nexthop} relayuser:s3cret-Pass\n")
     os.chmod(passwd, 0o644)
     client = agent_instance(world, smtp_sasl_auth_enable="yes",
-                            smtp_sasl_password_maps=f"texthash:{passwd}")
+                            smtp_sasl_password_maps=f"texthash:{passwd}",
+                            smtp_connection_cache_time_limit="0")
     # Without TLS PLAIN and LOGIN are refused by default (noplaintext).
     _, g = client.deliver(["bob@b.test"], nexthop)
     assert (g[0]["result"], g[0]["dsn"]) == ("deferred", "4.7.0")
+    assert g[0]["relay"] == f"127.0.0.1[127.0.0.1]:{sink.port}"
     assert g[0]["reason"] == ("SASL authentication failed; cannot authenticate to server "
                               "127.0.0.1[127.0.0.1]: no mechanism available")
     client.inst.postconf_e(smtp_sasl_security_options="noanonymous")
@@ -492,6 +494,12 @@ def test_sasl_to_a_relay(world):
     token = base64.b64encode(b"\0relayuser\0s3cret-Pass").decode()
     assert f"AUTH PLAIN {token}" in sink.commands()
     assert "s3cret" not in client.inst.log()
+    # A password table that cannot be read defers: never send without AUTH.
+    os.unlink(passwd)
+    _, g = client.deliver(["bob@b.test"], nexthop)
+    assert (g[0]["result"], g[0]["dsn"], g[0]["relay"]) == ("deferred", "4.3.5", "none")
+    assert g[0]["reason"].startswith("mail system configuration error: "
+                                     f"smtp_sasl_password_maps: {passwd}: ")
 
 
 def test_tls_required_but_not_offered(world):
