@@ -112,6 +112,14 @@ def _parse_args(program, argv):
         raise SystemExit(EX_USAGE) from None
 
 
+def _log_uncaught(exc_type, exc, tb):
+    import traceback
+    for line in traceback.format_exception(exc_type, exc, tb):
+        for part in line.rstrip().splitlines():
+            log.error(part)
+    log.error(f"uncaught {exc_type.__name__}: {exc} -- exiting")
+
+
 def start(program, argv=None):
     """Parse the master's arguments, read the configuration, start logging."""
     args = _parse_args(program, sys.argv[1:] if argv is None else argv)
@@ -140,6 +148,9 @@ def start(program, argv=None):
     # Ctrl-C in a foreground master reaches the whole process group; the
     # master decides when children stop, so they ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A detached master has no stderr: an uncaught exception must reach the
+    # log, or the only trace is the master's "exit status 1".
+    sys.excepthook = _log_uncaught
     return ServiceContext(program, args, cfg, socks)
 
 
