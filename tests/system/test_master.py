@@ -106,6 +106,8 @@ def test_children_run_as_mail_owner_with_process_titles(instance):
         title = f.read().replace(b"\0", b" ").decode()
     assert title.startswith(f"pymta: echo -n 127.0.0.1:{instance.ports['smtp']}")
     assert os.stat(f"/proc/{instance.master_pid()}").st_uid == os.geteuid()
+    with open(f"/proc/{instance.master_pid()}/cmdline", "rb") as f:
+        assert f.read().replace(b"\0", b" ").decode().startswith(f"pymta: master -c {instance.etc}")
 
 
 def test_network_service_starts_on_demand(instance):

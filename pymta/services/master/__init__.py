@@ -517,6 +517,11 @@ def main(argv=None):
                                    working_directory="/", detach_process=True)
         ctx.open()
     master.write_pid()
+    try:
+        import setproctitle
+        setproctitle.setproctitle(f"{cfg.syslog_name}: master -c {config_dir}")
+    except ImportError:
+        log.verbose("setproctitle not available")
     log.info(f"daemon started -- version {pymta.__version__}, configuration {config_dir}")
     try:
         master.run()
