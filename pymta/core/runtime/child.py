@@ -27,6 +27,8 @@ import struct
 import sys
 import time
 
+import setproctitle
+
 from pymta.core import config, log
 from pymta.core.errors import ConfigError, EX_CONFIG, EX_USAGE
 from pymta.core.runtime import (LIFELINE_FD, LISTEN_FD, STATUS_FD, STATUS_FORMAT,
@@ -140,11 +142,7 @@ def start(program, argv=None):
     socks = [socket.socket(fileno=LISTEN_FD + i) for i in range(count)]
     for s in socks:
         s.setblocking(False)
-    try:
-        import setproctitle
-        setproctitle.setproctitle(f"{cfg.syslog_name.split('/')[0]}: {program} -n {args.name or program} -t {args.type}")
-    except ImportError:
-        log.verbose("setproctitle not available")
+    setproctitle.setproctitle(f"{cfg.syslog_name.split('/')[0]}: {program} -n {args.name or program} -t {args.type}")
     # Ctrl-C in a foreground master reaches the whole process group; the
     # master decides when children stop, so they ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -57,6 +57,8 @@ import struct
 import sys
 import time
 
+import setproctitle
+
 import pymta
 from pymta.core import config, log
 from pymta.core.errors import ConfigError, EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE
@@ -517,11 +519,7 @@ def main(argv=None):
                                    working_directory="/", detach_process=True)
         ctx.open()
     master.write_pid()
-    try:
-        import setproctitle
-        setproctitle.setproctitle(f"{cfg.syslog_name}: master -c {config_dir}")
-    except ImportError:
-        log.verbose("setproctitle not available")
+    setproctitle.setproctitle(f"{cfg.syslog_name}: master -c {config_dir}")
     log.info(f"daemon started -- version {pymta.__version__}, configuration {config_dir}")
     try:
         master.run()
