@@ -1,4 +1,4 @@
-"""The delivery agent side of docs/delivery-protocol.md (local now, smtp later).
+"""The delivery agent side of docs/delivery-protocol.md, shared by local and smtp.
 
 An agent serves qmgr's persistent connections on `private/<transport>`:
 
