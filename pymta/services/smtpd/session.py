@@ -153,6 +153,11 @@ class Session:
         self.auth = None
         self.engine = None
         self.gated = False
+        self.task = None
+        self.watchdog = None
+        self.deadline = 0.0
+        self.reading = False
+        self.timed_out = False
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -203,20 +208,47 @@ class Session:
                 e.greeting_ok(srv.banner)
         await self.pump()
         reader = self.reader
+        loop = self.loop
         timeout = srv.timeout
-        while not e.closed:
-            try:
-                async with asyncio.timeout(timeout):
+        self.task = asyncio.current_task()
+        try:
+            while not e.closed:
+                # smtpd_timeout: one timer per session, not one per read (_watch).
+                self.deadline = loop.time() + timeout
+                self.reading = True
+                if self.watchdog is None:
+                    self.watchdog = loop.call_at(self.deadline, self._watch)
+                try:
                     data = await reader.read(READ_SIZE)
-            except TimeoutError:
-                e.timeout()
+                except asyncio.CancelledError:
+                    if not self.timed_out:
+                        raise
+                    self.task.uncancel()
+                    e.timeout()
+                    await self.pump()
+                    return
+                finally:
+                    self.reading = False
+                if not data:
+                    raise _Lost()
+                self.tail = data[-TAIL:]
+                e.feed(data)
                 await self.pump()
-                return
-            if not data:
-                raise _Lost()
-            self.tail = data[-TAIL:]
-            e.feed(data)
-            await self.pump()
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.cancel()
+                self.watchdog = None
+
+    def _watch(self):
+        """The read timer: cancel the read that has waited smtpd_timeout."""
+        self.watchdog = None
+        if not self.reading:
+            return
+        if self.loop.time() < self.deadline:
+            self.watchdog = self.loop.call_at(self.deadline, self._watch)
+            return
+        self.timed_out = True
+        self.task.cancel()
 
     async def pump(self):
         """Handle every event the engine has; then write the replies at once."""
