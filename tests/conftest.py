@@ -103,7 +103,13 @@ class Instance:
             return ""
 
     def wait_log(self, text, timeout=15):
-        return wait_for(lambda: text in self.log(), timeout, what=f"log line containing {text!r}")
+        """Wait until the log holds text; return the first line holding it."""
+        def line():
+            for ln in self.log().splitlines():
+                if text in ln:
+                    return ln
+            return None
+        return wait_for(line, timeout, what=f"log line containing {text!r}")
 
     # -- commands -----------------------------------------------------------------
     def cmd(self, name, *args, **kw):
