@@ -348,8 +348,8 @@ def messages_for_site(queue, site):
             yield entry.name
 
 
-def _trigger_incoming(cfg):
-    if not send_trigger(qmgr_socket(cfg), b"FI"):
+def _trigger(cfg, request):
+    if not send_trigger(qmgr_socket(cfg), request):
         fatal("Cannot flush mail queue - mail system is down", EX_UNAVAILABLE)
 
 
@@ -411,23 +411,24 @@ def main(argv=None):
     if mode == "-f":
         flush_all(cfg)
         return 0
+    for qid in ids:
+        if not valid_queue_id(qid):
+            fatal(f'Cannot flush queue ID - invalid name: "{printable(qid)[:100]}"', EX_USAGE)
+    if site is not None and not _SITE_RE.match(site):
+        fatal(f'Cannot flush mail queue - invalid destination: "{printable(site)[:100]}"',
+              EX_USAGE)
+    # Nothing is moved while the mail system is down (F: retry dead
+    # transports, as Postfix's flush does before it hands over the files).
+    _trigger(cfg, b"F")
     try:
-        if mode == "-i":
-            for qid in ids:
-                if not valid_queue_id(qid):
-                    fatal(f'Cannot flush queue ID - invalid name: "{printable(qid)[:100]}"', EX_USAGE)
-                flush_one(queue, qid)
-        else:
-            if not _SITE_RE.match(site):
-                fatal(f'Cannot flush mail queue - invalid destination: "{printable(site)[:100]}"',
-                      EX_USAGE)
-            for qid in list(messages_for_site(queue, site)):
-                flush_one(queue, qid)
+        chosen = ids if mode == "-i" else list(messages_for_site(queue, site))
+        for qid in chosen:
+            flush_one(queue, qid)
     except PermissionError:
         _not_allowed("flush")
     except OSError as e:
         fatal(f"{e.strerror or e}", EX_SOFTWARE)
-    _trigger_incoming(cfg)
+    _trigger(cfg, b"I")
     return 0
 
 
