@@ -319,3 +319,19 @@ def test_submission_program_has_the_submission_defaults(instance):
     assert c.cmd("RCPT TO:<carol@remote.example>").startswith("553 5.7.1 <bob@test.example>")
     c.cmd("QUIT")
     instance.wait_log("pymta/submission/smtpd[")
+
+
+def test_tls_older_than_1_2_is_refused(sub):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx = _insecure()
+        ctx.minimum_version = ssl.TLSVersion.TLSv1
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with socket.create_connection(("127.0.0.1", sub.ports["submissions"]), timeout=10) as s:
+        with pytest.raises(ssl.SSLError):
+            ctx.wrap_socket(s, server_hostname=HOST)
+    with socket.create_connection(("127.0.0.1", sub.ports["submissions"]), timeout=10) as s:
+        with _insecure().wrap_socket(s, server_hostname=HOST) as t:
+            assert t.version() in ("TLSv1.2", "TLSv1.3")
