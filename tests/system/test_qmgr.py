@@ -566,3 +566,86 @@ def test_stop_lets_running_deliveries_finish(instance):
     rig.trigger()
     time.sleep(1)
     assert len(rig.delivered_to("bob@test.example")) == 1
+
+
+# -- the pieces, without an instance: routes and agent replies ---------------------------------------------
+
+def resolver(**settings):
+    from pymta.core.config import MainConfig
+    from pymta.services.qmgr.transport import Resolver
+    explicit = {"myhostname": ("mx.a.example", None, None), "mydomain": ("a.example", None, None)}
+    explicit.update({k: (v, None, None) for k, v in settings.items()})
+    return Resolver(MainConfig("/nonexistent/etc", explicit))
+
+
+@pytest.mark.parametrize("address, transport, nexthop", [
+    ("x@mx.a.example", "local", "mx.a.example"),
+    ("x@A.Example", "local", "a.example"),              # virtual_mailbox_domains = $mydomain
+    ("x@localhost", "local", "localhost"),
+    ("root", "local", "mx.a.example"),
+    ("x@far.example", "smtp", "far.example"),
+    ('"a@b"@far.example', "smtp", "far.example"),
+])
+def test_default_routes(address, transport, nexthop):
+    route = resolver().resolve(address)
+    assert (route.transport, route.nexthop) == (transport, nexthop)
+
+
+def test_transport_maps_lookup_order_and_relayhost():
+    r = resolver(relayhost="[relay.example]:587", recipient_delimiter="+", transport_maps=(
+        "inline:{ user@sub.b.example=local:, sub.b.example=smtp:[10.0.0.2], "
+        ".b.example=relay:, { c.example = error:5.1.2 no such domain }, "
+        "d.example=discard:, e.example=:[10.0.0.5]:26 }"))
+    got = {a: (r.resolve(a).transport, r.resolve(a).nexthop) for a in (
+        "user+tag@sub.b.example", "other@sub.b.example", "x@deep.sub2.b.example",
+        "x@b.example", "x@c.example", "x@d.example", "x@e.example", "x@z.example")}
+    assert got == {
+        "user+tag@sub.b.example": ("local", "sub.b.example"),
+        "other@sub.b.example": ("smtp", "[10.0.0.2]"),
+        "x@deep.sub2.b.example": ("relay", "deep.sub2.b.example"),
+        "x@b.example": ("smtp", "[relay.example]:587"),      # .b.example: subdomains only
+        "x@c.example": ("error", "5.1.2 no such domain"),
+        "x@d.example": ("discard", ""),
+        "x@e.example": ("smtp", "[10.0.0.5]:26"),
+        "x@z.example": ("smtp", "[relay.example]:587"),
+    }
+    assert r.resolve("x@c.example").error_status() == ("5.1.2", "no such domain")
+
+
+def test_default_transport_with_a_nexthop():
+    route = resolver(default_transport="smtp:[gw.example]").resolve("x@far.example")
+    assert (route.transport, route.nexthop) == ("smtp", "[gw.example]")
+
+
+def reply(*pairs):
+    from pymta.core.ipc import Attrs
+    return Attrs(pairs)
+
+
+def test_agent_reply_is_checked_recipient_by_recipient():
+    from pymta.services.qmgr.deliver import AgentError, AgentFailure, parse_reply
+    ok = parse_reply(reply(("status", "ok"),
+                           ("rcpt", "3"), ("result", "sent"), ("dsn", "2.0.0"),
+                           ("reason", "delivered\tto maildir"), ("relay", "local"),
+                           ("rcpt", "5"), ("result", "bounced"), ("dsn", "2.0.0"),
+                           ("reason", "x"), ("unknown", "skipped")), [3, 5])
+    assert (ok[3].result, ok[3].dsn, ok[3].reason) == ("sent", "2.0.0", "delivered to maildir")
+    assert (ok[5].result, ok[5].dsn, ok[5].relay) == ("bounced", "5.0.0", "none")
+    with pytest.raises(AgentError, match="disk full"):
+        parse_reply(reply(("status", "error"), ("reason", "disk full")), [0])
+    bad = [
+        [("status", "maybe")],
+        [("status", "ok"), ("rcpt", "0"), ("result", "sent")],                  # 1 missing
+        [("status", "ok"), ("rcpt", "0"), ("result", "sent"), ("rcpt", "0"),
+         ("result", "sent"), ("rcpt", "1"), ("result", "sent")],                 # twice
+        [("status", "ok"), ("rcpt", "0"), ("result", "lost"),
+         ("rcpt", "1"), ("result", "sent")],                                      # no such result
+        [("status", "ok"), ("rcpt", "0"), ("result", "sent"), ("rcpt", "7"),
+         ("result", "sent")],                                                     # not requested
+        [("status", "ok"), ("rcpt", "-1"), ("result", "sent")],
+        [("status", "ok"), ("rcpt", "0"), ("result", "sent"), ("result", "bounced"),
+         ("rcpt", "1"), ("result", "sent")],                                      # repeated field
+    ]
+    for pairs in bad:
+        with pytest.raises(AgentFailure):
+            parse_reply(reply(*pairs), [0, 1])
