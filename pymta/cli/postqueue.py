@@ -66,7 +66,6 @@ from pymta.core.errors import (
 from pymta.core.qfile import CONTENT_OFFSET, REC_RCPT, REC_SENDER, REC_TIME, STATUS_PENDING
 from pymta.core.queue import Queue
 from pymta.core.queue_id import valid_queue_id
-from pymta.core.trigger import qmgr_socket, send_trigger
 
 PROGRAM = "postqueue"
 USAGE = "usage: postqueue -f | postqueue -i queueid | postqueue -j | postqueue -p | postqueue -s site"
@@ -319,8 +318,15 @@ def show_queue(queue, out, as_json=False):
 
 # -- flushing -------------------------------------------------------------------------------------
 
+def _send_trigger(cfg, request):
+    # Imported here: pymta.core.trigger loads asyncio, which a listing,
+    # the common case, does not need (a tenth of a second at start-up).
+    from pymta.core.trigger import qmgr_socket, send_trigger
+    return send_trigger(qmgr_socket(cfg), request)
+
+
 def flush_all(cfg):
-    if not send_trigger(qmgr_socket(cfg), FLUSH_TRIGGER):
+    if not _send_trigger(cfg, FLUSH_TRIGGER):
         fatal("Cannot flush mail queue - mail system is down", EX_UNAVAILABLE)
 
 
@@ -349,7 +355,7 @@ def messages_for_site(queue, site):
 
 
 def _trigger(cfg, request):
-    if not send_trigger(qmgr_socket(cfg), request):
+    if not _send_trigger(cfg, request):
         fatal("Cannot flush mail queue - mail system is down", EX_UNAVAILABLE)
 
 
