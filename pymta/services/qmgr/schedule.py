@@ -8,7 +8,11 @@ Destination of its route, and the Destinations of a Transport take turns
 below its limit.  Limits:
 
     per destination    <transport>_destination_concurrency_limit, else
-                       default_destination_concurrency_limit (0: none)
+                       default_destination_concurrency_limit (0: none);
+                       a virtual mailbox domain gets the default one even
+                       on `local`, as Postfix's virtual(8) transport would:
+                       local_destination_concurrency_limit (2) is for
+                       system users, aliases, commands and files
     per transport      the maxproc column of the transport's master.cf line
                        (default_process_limit for "-", 0: none)
     messages in memory qmgr_message_active_limit (and open files allow)
@@ -45,7 +49,7 @@ from pymta.core.qfile import QueueFileError
 from pymta.services.qmgr.deliver import (
     AgentError, AgentFailure, AgentPool, AgentUnavailable, build_request, parse_reply,
 )
-from pymta.services.qmgr.transport import DISCARD, ERROR
+from pymta.services.qmgr.transport import DISCARD, ERROR, LOCAL
 
 RCPT_PER_REQUEST = 50           # Postfix's default_destination_recipient_limit
 TRANSPORT_RETRY_TIME = 60.0     # Postfix's transport_retry_time
@@ -143,6 +147,10 @@ class Scheduler:
         self.notifier = notifier
         self.services = {(e.name, e.type): e for e in services}
         self.active_limit = active_limit
+        # Postfix delivers virtual mailbox domains with virtual(8), whose
+        # virtual_destination_concurrency_limit is the default one; local(8)
+        # (system users, aliases, commands) gets local_destination_...
+        self.virtual_limit = _limit(cfg.default_destination_concurrency_limit)
         self.messages = {}
         self.transports = {}
         self.tasks = set()
@@ -356,7 +364,10 @@ class Scheduler:
             return
         dest = tr.destinations.get(job.nexthop)
         if dest is None:
-            dest = tr.destinations[job.nexthop] = Destination(job.nexthop, tr.dest_limit)
+            limit = tr.dest_limit
+            if tr.name == LOCAL and self.resolver.is_virtual(job.nexthop):
+                limit = self.virtual_limit
+            dest = tr.destinations[job.nexthop] = Destination(job.nexthop, limit)
         dest.jobs.append(job)
         tr.mark_ready(dest)
         self.dispatch(tr)

@@ -12,7 +12,10 @@ manager needs.  A recipient resolves, in this order, to
         discard:text       drop as delivered
     An empty transport or next hop keeps the one that step 2 or 3 gives;
  2. `local`, next hop the domain, for `mydestination` and
-    `virtual_mailbox_domains` (and for an address without a domain);
+    `virtual_mailbox_domains` (and for an address without a domain).
+    Postfix hands virtual mailbox domains to its virtual(8) agent; pymta's
+    local agent serves both, and qmgr gives a virtual domain the
+    concurrency Postfix gives virtual(8) (see schedule.py);
  3. `default_transport` (which may itself be `transport:nexthop`), next hop
     `relayhost` when set, else the recipient domain.
 
@@ -80,10 +83,11 @@ class Resolver:
     def __init__(self, cfg, clock=time.monotonic):
         self.cfg = cfg
         self.clock = clock
-        self.local_domains = {d.lower().rstrip(".") for d in cfg.mydestination
-                              if ":" not in d and "/" not in d}
-        self.local_domains |= {d.lower().rstrip(".") for d in cfg.virtual_mailbox_domains
+        self.system_domains = {d.lower().rstrip(".") for d in cfg.mydestination
                                if ":" not in d and "/" not in d}
+        self.virtual_domains = {d.lower().rstrip(".") for d in cfg.virtual_mailbox_domains
+                                if ":" not in d and "/" not in d} - self.system_domains
+        self.local_domains = self.system_domains | self.virtual_domains
         self.hostname = cfg.myhostname.lower()
         self.delimiter = cfg.recipient_delimiter
         name, nexthop = split_transport(cfg.default_transport or "smtp")
@@ -154,6 +158,10 @@ class Resolver:
             same_class = name == route.transport and name != LOCAL
             nexthop = route.nexthop if same_class else (domain or self.hostname)
         return Route(name, nexthop)
+
+    def is_virtual(self, domain):
+        """A virtual mailbox domain (and not also in mydestination)."""
+        return domain in self.virtual_domains
 
     def resolve(self, address):
         """The Route for `address`; ResolveError for a bad table entry.
