@@ -123,7 +123,8 @@ def markdown_table(rows):
 def results_section(rows, meta, commands):
     """The generated part of docs/benchmarks.md."""
     out = [BEGIN, "", f"### Results of `{meta['invocation']}`", ""]
-    out.append(f"Run {meta['date']} on {meta['machine']}; pymta {meta['commit']}; "
+    took = f" ({meta['seconds'] / 60:.0f} min)" if meta.get("seconds") else ""
+    out.append(f"Run {meta['date']}{took} on {meta['machine']}; pymta {meta['commit']}; "
                f"{meta['postfix']}; {meta['dovecot']}; Python {meta['python']}. "
                f"{meta['rounds']} round(s) per workload, alternating anchor and pymta "
                f"(A B A B ...); median, min and max over the rounds; the ratio is "
@@ -131,6 +132,10 @@ def results_section(rows, meta, commands):
                f"of the spool's file system measured just before each run "
                f"(200 x create, write 4 KiB, fsync).  CPU is in seconds per run: the "
                f"load generator's (client) and the whole server process tree's.")
+    if meta.get("load"):
+        out[-1] += f"  Load average (1 min) of the machine: {meta['load']}."
+    if meta.get("error"):
+        out[-1] += f"  The run did not finish: {meta['error']}."
     out.append("")
     out.append(markdown_table(rows))
     notes = [f"- {r.workload}, {r.system}: {r.note}" for r in rows if r.note]

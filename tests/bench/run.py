@@ -75,6 +75,15 @@ def git_commit():
     return head + (" with uncommitted changes" if dirty else "")
 
 
+def commit_label(at_start, at_end):
+    """The code measured: the commit at the start, and the one at the end
+    when the working tree moved during the run (pymta processes started
+    later, such as W6's restart, run the newer code)."""
+    if at_start == at_end:
+        return at_start
+    return f"{at_start} at the start, {at_end} at the end"
+
+
 def machine():
     model = ""
     try:
@@ -104,6 +113,9 @@ def main(argv=None):
     if argv is None and sys.argv[1:] and set(sys.argv[1:]) != {"--quick"}:
         invocation = "python -m tests.bench.run " + " ".join(sys.argv[1:])
     t_start = time.monotonic()
+    load_start = os.getloadavg()[0]
+    commit_start = git_commit()
+    date_start = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     print(f"{invocation}: workloads {' '.join(args.selected)}, {settings.rounds} round(s)")
     anchors.ensure_installed()
     os.makedirs(args.dir, exist_ok=True)
@@ -137,11 +149,12 @@ def main(argv=None):
         print(f"kept {top} for a look (logs: */log/)", file=sys.stderr)
     meta = {
         "invocation": invocation,
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "machine": machine(), "commit": git_commit(),
+        "date": date_start,
+        "machine": machine(), "commit": commit_label(commit_start, git_commit()),
         "python": platform.python_version(), "rounds": settings.rounds,
         "seconds": round(time.monotonic() - t_start, 1),
         "error": error or "",
+        "load": f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
     }
     if bench.postfix:
         meta["postfix"], meta["dovecot"] = versions(bench)

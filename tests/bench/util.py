@@ -275,6 +275,15 @@ def pss_kib(pids):
     return total
 
 
+def kill_tree(root):
+    """Last resort after a stop command failed: SIGKILL a process tree
+    this run started, by pid (children first).  Returns the pids signalled."""
+    pids = process_tree(root) if root else []
+    for pid in reversed(pids):
+        _kill_quiet(pid)
+    return pids
+
+
 def proc_title(pid):
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -36,8 +36,8 @@ from tests.bench.pymta_side import PORTS as PYMTA_PORTS
 from tests.bench.report import Row
 from tests.bench.util import (
     LOOPBACK, BenchError, Generator, NotAvailable, PssSampler, clear_maildir, cmdline,
-    first_line, free_offset, free_port, fsync_rate, maildir_count, port_listening, proc_title,
-    process_tree, pss_kib, run, tree_cpu_seconds, wait_for,
+    first_line, free_offset, free_port, fsync_rate, kill_tree, maildir_count, port_listening,
+    proc_title, process_tree, pss_kib, run, tree_cpu_seconds, wait_for,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -193,7 +193,10 @@ class Bench:
             try:
                 system.stop()
             except (BenchError, OSError) as e:
-                problems.append(f"{system.name}: {e}")
+                root = system.master_pid()
+                killed = kill_tree(root) if root else []
+                problems.append(f"{system.name}: {e}"
+                                + (f"; killed its {len(killed)} processes" if killed else ""))
         for p in problems:
             self.log(f"warning: could not stop {p}")
         return problems
