@@ -234,7 +234,7 @@ def scan_queue(queue, queue_names=LIST_QUEUES):
     depth = queue.hash_depth
     for name in queue_names:
         prefix = len(os.path.join(top, name)) + 1
-        for entry in queue._scan_dirs(name):
+        for entry in queue.scan_entries(name):
             qid = entry.name
             try:
                 arrival, size, sender, pending = read_envelope(entry.path)
@@ -345,7 +345,7 @@ def flush_one(queue, qid):
 def messages_for_site(queue, site):
     """Deferred messages with a pending recipient at `site`."""
     site = site.lower()
-    for entry in queue._scan_dirs("deferred"):
+    for entry in queue.scan_entries("deferred"):
         try:
             pending = read_envelope(entry.path)[3]
         except (OSError, UnreadableFile):

@@ -307,8 +307,9 @@ class Queue:
                 return name
         return None
 
-    def _scan_dirs(self, queue_name):
-        """Directories of a queue to scan: the top, and below it every
+    def scan_entries(self, queue_name):
+        """os.DirEntry of every complete queue file of a queue (for listings
+        that want the stat without another lookup).  Scanned: the top, and below it every
         single-hex-digit subdirectory at any depth (as Postfix's
         mail_scan_dir does), so files survive a change of hash_queue_depth
         until `rehash` puts them back in place."""
@@ -339,7 +340,7 @@ class Queue:
         name is listed, so that pickup sees (and rejects) hostile entries."""
         if queue_name not in DIR_MODES:
             raise ValueError(f"unknown queue {queue_name!r}")
-        for entry in self._scan_dirs(queue_name):
+        for entry in self.scan_entries(queue_name):
             yield entry.name
 
     def scan_times(self, queue_name):
@@ -347,7 +348,7 @@ class Queue:
         mtime is the time of the next attempt."""
         if queue_name not in DIR_MODES:
             raise ValueError(f"unknown queue {queue_name!r}")
-        for entry in self._scan_dirs(queue_name):
+        for entry in self.scan_entries(queue_name):
             try:
                 yield entry.name, entry.stat(follow_symlinks=False).st_mtime
             except FileNotFoundError:
@@ -358,7 +359,7 @@ class Queue:
         (after a change of hash_queue_depth); returns how many moved."""
         moved = 0
         for name in sorted(HASHED_NAMES):
-            for entry in list(self._scan_dirs(name)):
+            for entry in list(self.scan_entries(name)):
                 want = self.path(name, entry.name)
                 if entry.path != want:
                     os.makedirs(os.path.dirname(want), 0o700, exist_ok=True)
@@ -470,7 +471,10 @@ class Queue:
         except FileNotFoundError:
             return []
         with os.fdopen(fd, "rb") as f:
-            data = f.read(_LOG_MAX + 1)
+            # fstat first: f.read(limit) would allocate the whole limit.
+            if os.fstat(f.fileno()).st_size > _LOG_MAX:
+                raise QueueFileError(f"{path}: log larger than {_LOG_MAX} bytes")
+            data = f.read()
         if len(data) > _LOG_MAX:
             raise QueueFileError(f"{path}: log larger than {_LOG_MAX} bytes")
         entries = []
