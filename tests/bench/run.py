@@ -128,7 +128,10 @@ def main(argv=None):
     status = 0
     error = None
     try:
-        bench.run(args.selected)
+        failures = bench.run(args.selected)
+        if failures:
+            error = "; ".join(failures)
+            status = 1
     except KeyboardInterrupt as e:
         error = f"interrupted ({e or 'Ctrl-C'})"
         status = 130

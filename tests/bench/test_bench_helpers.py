@@ -108,6 +108,12 @@ def test_clone_postfix_deferred_names_match_inodes(tmp_path):
             assert os.stat(path).st_mtime == 2_000_000_000
             assert open(os.path.join(spool, "defer", name[0], name), "rb").read() == b"defer log"
     assert len(found) == 6
+    made = [spool / top / sub for top in ("deferred", "defer")
+            for sub in os.listdir(spool / top) if sub != "1"]
+    assert made
+    for d in made:
+        st = os.stat(d)
+        assert st.st_mode & 0o777 == 0o700 and st.st_uid == os.getuid()
 
 
 def test_process_tree_cpu_and_generator():

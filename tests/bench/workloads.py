@@ -93,7 +93,6 @@ def fill_maildir(maildir, count, size, uid, gid):
         with open(path, "wb") as f:
             f.write(data)
         os.chown(path, uid, gid)
-    os.sync()
 
 
 class Bench:
@@ -329,22 +328,27 @@ class Bench:
         """PSS of each whole instance, settled after start, before any mail."""
         self.log("W5 idle: PSS of each instance after start")
         time.sleep(3)
+        sides = []
         for system, anchor in ((self.postfix, True), (self.pymta, False)):
             row = self.row("W5-idle", "W5 PSS idle (whole instance)", "MiB", "lower",
                            system.name, anchor)
             if system is self.pymta and "pymta" in self.errors:
                 self.fail(row, self.errors["pymta"])
-                continue
-            for _ in range(self.s.idle_samples):
-                root = system.master_pid()
-                if not root:
-                    self.fail(row, BenchError(f"{system.name} master is not running"))
-                    break
-                pids = process_tree(root)
-                row.add(pss_kib(pids) / KIB)
+            else:
+                sides.append((system, row))
+        for i in range(self.s.idle_samples):
+            if i:
                 time.sleep(0.5)
-            if row.values:
-                titles = sorted({_short_title(proc_title(p)) for p in process_tree(system.master_pid())})
+            for system, row in sides:
+                root = system.master_pid()
+                if root and not row.reason:
+                    row.add(pss_kib(process_tree(root)) / KIB)
+                elif not row.reason:
+                    self.fail(row, BenchError(f"{system.name} master is not running"))
+        for system, row in sides:
+            root = system.master_pid()
+            if row.values and root:
+                titles = sorted({_short_title(proc_title(p)) for p in process_tree(root)})
                 row.note = f"{len(titles)} kinds of process: " + ", ".join(titles)
 
     # -- W2 ------------------------------------------------------------------------------
@@ -602,18 +606,35 @@ class Bench:
     # -- the run ---------------------------------------------------------------------------
 
     def run(self, selected):
+        """Set up, start, and run the selected workloads.  A workload that
+        fails (an anchor stops answering, a time limit) marks its rows that
+        have no samples yet with the reason; the next workload still runs.
+        Returns the failures (empty: all ran)."""
         self.setup(selected)
         self.start_main(selected)
+        steps = []
         if "W2" in selected:
-            self.w2()
+            steps.append(("W2", self.w2))
         if "W1" in selected:
-            self.w1()
+            steps.append(("W1", self.w1))
         elif "W5" in selected:
-            self.w1(report_w1=False, sizes=(4096,))
+            steps.append(("W5", lambda: self.w1(report_w1=False, sizes=(4096,))))
         if "W4" in selected:
-            self.w4()
+            steps.append(("W4", self.w4))
         if "W6" in selected:
-            self.w6()
+            steps.append(("W6", self.w6))
+        failures = []
+        for name, step in steps:
+            first = len(self.rows)
+            try:
+                step()
+            except (BenchError, NotAvailable, OSError) as e:
+                failures.append(f"{name}: {e}")
+                self.log(f"{name} failed: {e}")
+                for row in self.rows[first:]:
+                    if not row.values and not row.reason:
+                        row.reason = f"failed: {str(e)[:300]}"
+        return failures
 
 
 def clone_postfix_deferred(spool, count, next_attempt, log_owner):
@@ -621,7 +642,8 @@ def clone_postfix_deferred(spool, count, next_attempt, log_owner):
     each named by a short queue id (5 hex digits of microseconds, then the
     inode in hex) in the hash_queue_depth = 1 directory (its first
     character), with a copy of the defer log owned by `log_owner` (uid,
-    gid); mtime = next attempt.  Copies keep their seed's owner and mode."""
+    gid), as are the hash directories it makes; mtime = next attempt.
+    Copies keep their seed's owner and mode."""
     deferred = os.path.join(spool, "deferred")
     seeds = []
     for d, _sub, files in os.walk(deferred):
@@ -655,18 +677,28 @@ def clone_postfix_deferred(spool, count, next_attempt, log_owner):
             dst = os.path.join(deferred, qid[0], qid)
             if not os.path.exists(dst):
                 break
-        os.makedirs(os.path.dirname(dst), 0o700, exist_ok=True)
+        _make_owned_dir(os.path.dirname(dst), log_owner)
         os.rename(tmp, dst)
         os.utime(dst, (next_attempt, next_attempt))
         if log is not None:
             logdir = os.path.join(spool, "defer", qid[0])
-            os.makedirs(logdir, 0o700, exist_ok=True)
+            _make_owned_dir(logdir, log_owner)
             lp = os.path.join(logdir, qid)
             with open(lp, "wb") as f:
                 f.write(log)
             os.chown(lp, *log_owner)
     os.sync()
     return count
+
+
+def _make_owned_dir(path, owner):
+    """A hashed queue subdirectory as Postfix makes it: mode 0700, owned by
+    mail_owner (`owner` is uid, gid); an existing one is left alone."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    os.chown(path, *owner)
 
 
 def _short_title(title):
