@@ -7,13 +7,12 @@ import re
 import smtplib
 import socket
 import ssl
-import subprocess
 import threading
 import time
 
 import pytest
 
-from tests.conftest import BIN, run, wait_for
+from tests.conftest import run, wait_for
 
 PASSWORD = "alice-secret-1"
 HOST = "mx.test.example"

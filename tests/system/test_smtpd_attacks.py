@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from tests.conftest import wait_for
 from tests.system.test_smtpd import (
     HOST, QUEUED_RE, S220_GREETING, S221_BYE, S250_MAIL_OK, S250_RCPT_OK, S354_DATA,
     S550_UNKNOWN, Raw, add_user, delivered, maildir_new,

@@ -11,15 +11,12 @@ import shutil
 import smtplib
 import socket
 import ssl
-import subprocess
-import tempfile
-import time
 
 import pytest
 
 from tests.conftest import run, wait_for
 from tests.system.test_smtpd import (
-    HOST, PASSWORD, QUEUED_RE, S221_BYE, S250_MAIL_OK, S250_RCPT_OK, Raw, add_user, delivered,
+    HOST, PASSWORD, S221_BYE, S250_MAIL_OK, S250_RCPT_OK, Raw, add_user, delivered,
 )
 
 S235_OK = "235 2.7.0 Authentication successful\r\n"
