@@ -489,6 +489,9 @@ class Bench:
         py_ok = True
         try:
             self.pymta_ready()
+            for name in ("mailq", "pymta"):
+                if not os.access(self.pymta.bin(name), os.X_OK):
+                    raise NotAvailable(f"no {self.pymta.bin(name)}")
             self.log("  filling pymta's deferred queue")
             self.pymta.stop()
             clear_maildir(self.pymta.maildir)
