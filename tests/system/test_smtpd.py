@@ -464,3 +464,22 @@ def test_reject_unknown_sender_domain_via_dns_resolver(instance):
         assert ("good.example", "MX") in server.queries
     finally:
         server.close()
+
+
+def test_pflogsumm_reads_smtpd_lines(mta):
+    c = Raw(mta.ports["smtp"])
+    c.reply()
+    c.cmd("EHLO client.example")
+    c.cmd("MAIL FROM:<bob@remote.example>")
+    assert c.cmd("RCPT TO:<nobody@test.example>") == S550_UNKNOWN
+    assert c.cmd("RCPT TO:<alice@test.example>") == S250_RCPT_OK
+    c.cmd("DATA")
+    c.send(b"Subject: counted\r\n\r\nx\r\n.\r\n")
+    assert QUEUED_RE.fullmatch(c.reply())
+    c.cmd("QUIT")
+    delivered(mta)
+    mta.wait_log("status=sent")
+    p = run(["pflogsumm", "--syslog-name=pymta", mta.maillog])
+    assert re.search(r"^\s+1\s+received$", p.stdout, re.M), p.stdout
+    assert re.search(r"^\s+1\s+rejected \(50%\)$", p.stdout, re.M), p.stdout
+    assert "Recipient address rejected: User unknown in virtual mailbox table (total: 1)" in p.stdout
