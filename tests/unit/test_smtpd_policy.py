@@ -183,6 +183,8 @@ code@wait.example 450 4.7.2 slow down
 perm@x.example 553 not you
 user@ REJECT by local part
 odd@x.example FROB
+num@x.example 250
+code-only@x.example 451
 <> REJECT no bounces here
 """
 
@@ -198,6 +200,8 @@ odd@x.example FROB
     ("perm@x.example", "553 5.7.1 <perm@x.example>: Sender address rejected: not you"),
     ("user@anywhere.example", "554 5.7.1 <user@anywhere.example>: Sender address rejected: by local part"),
     ("odd@x.example", "451 4.3.5 Server configuration error"),
+    ("num@x.example", None),
+    ("code-only@x.example", "451 4.7.1 <code-only@x.example>: Sender address rejected: Access denied"),
     ("", "554 5.7.1 <>: Sender address rejected: no bounces here"),
     ("stranger@else.example", "554 5.7.1 <stranger@else.example>: Sender address rejected: Access denied"),
 ])

@@ -51,7 +51,7 @@ DNS_CACHE_SIZE = 10000
 LOGIN_ALIAS_DEPTH = 5       # alias levels followed to find the owner of a sender
 _PASSWD_SPECS = ("unix:passwd.byname", "proxy:unix:passwd.byname")
 _HELO_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
-_ACTION_CODE_RE = re.compile(r"([245]\d\d)(?:\s+([245]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?\Z", re.S)
+_ACTION_CODE_RE = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?(?:\s+(.*))?\Z", re.S)
 
 
 @dataclass(frozen=True, slots=True)
