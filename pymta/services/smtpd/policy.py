@@ -261,7 +261,8 @@ class ClientLimits:
 # -- DNS ------------------------------------------------------------------------------------
 
 class Dns:
-    """Asynchronous DNS with a time limit, through `dns_resolver` when set."""
+    """Asynchronous DNS with a time limit, through `dns_resolver` when set
+    (address[:port], [v6addr]:port, several separated by commas or spaces)."""
 
     def __init__(self, resolver_spec, timeout):
         self.spec = resolver_spec.strip()
@@ -272,11 +273,11 @@ class Dns:
     def resolver(self):
         if self._resolver is None:
             import dns.asyncresolver
+            import dns.nameserver
             if self.spec:
-                host, port = parse_host_port(self.spec, 53)
                 r = dns.asyncresolver.Resolver(configure=False)
-                r.nameservers = [host]
-                r.port = port
+                r.nameservers = [dns.nameserver.Do53Nameserver(*parse_host_port(item, 53))
+                                 for item in re.split(r"[\s,]+", self.spec) if item]
             else:
                 r = dns.asyncresolver.Resolver()
             r.lifetime = self.timeout
