@@ -10,16 +10,18 @@ counters, the cleanup library); `Session` drives the sans-IO engine
             StartTLS -> handshake; Close -> write and end
     nothing more to do         ->  one write of all collected replies
 
-so a pipelined group of commands gets one write, and reading stops while
-a decision is being made (the transport is paused around every wait: the
-cleanup call, a password check, DNS, an error delay), which also means no
-plaintext can slip in between STARTTLS and the handshake.
+so a pipelined group of commands gets one write.  Nothing is read while
+a decision is being made; when the client has pipelined more commands,
+the transport is also paused around every wait (the cleanup call, a
+password check, DNS, an error delay), so no plaintext sent after a
+pipelined STARTTLS can be read once the handshake is done.
 
 A message is handed to cleanup in a worker thread (it fsyncs the queue
 file); "250 2.0.0 Ok: queued as QID" is written only after it returned.
 """
 
 import asyncio
+import dataclasses
 import ssl
 
 from pymta.core import log, tls
@@ -124,7 +126,6 @@ class Server:
 
 
 def _replace(settings, **changes):
-    import dataclasses
     return dataclasses.replace(settings, **changes)
 
 
