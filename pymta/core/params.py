@@ -58,7 +58,7 @@ _TABLE = [
     # --- master -----------------------------------------------------------------
     _p("default_process_limit", "int", "100", "Default maximal number of processes per service (master.cf maxproc '-')."),
     _p("service_throttle_time", "time", "60s", "How long the master waits before starting a service again after a child failed at start-up."),
-    _p("max_use", "int", "100", "Connections or requests a service process handles before it exits and is replaced."),
+    _p("max_use", "int", "100", "Connections per connection slot (max_use x process_connection_limit) a service process handles before it exits and is replaced."),
     _p("max_idle", "time", "100s", "How long an idle service process waits for work before it exits."),
     _p("ipc_timeout", "time", "3600s", "Time limit for a request over an internal Unix socket."),
     _p("daemon_timeout", "time", "18000s", "Watchdog limit for a service process's single task."),

@@ -170,7 +170,9 @@ def test_child_dying_at_start_throttles_the_service(instance):
 
 def test_max_use_and_max_idle(instance):
     port = instance.ports["smtp"]
-    inst_line = f"127.0.0.1:{port} inet n - n - 4 {ECHO} -o max_use=3 -o max_idle=2"
+    # One connection slot per process: max_use=3 means three connections.
+    inst_line = (f"127.0.0.1:{port} inet n - n - 4 {ECHO} -o max_use=3 -o max_idle=2"
+                 " -o process_connection_limit=1")
     instance.write_master_cf(inst_line + "\n")
     instance.start()
     pids = [int(talk(port)[0].split()[1]) for _ in range(3)]

@@ -9,7 +9,8 @@ sockets and calls `await handler(conn)` for each, with
   - a per-process connection cap (process_connection_limit): at the cap the
     process stops accepting and tells the master it is TAKEN, so the master
     starts another process if maxproc allows;
-  - max_use: after that many connections the process stops accepting and
+  - max_use: after max_use connections per slot (max_use times the
+    connection cap) the process stops accepting and
     exits once its connections are done; max_idle: it exits after that long
     without a connection (both off for long-running services like qmgr);
   - an exit, after its connections are done, when the master goes away (the
@@ -160,7 +161,11 @@ class _Server:
         self.ssl_context = ssl_context
         cfg = ctx.cfg
         self.cap = max(1, cfg.process_connection_limit)
-        self.max_use = 0 if long_running else cfg.max_use
+        # Postfix's max_use counts the clients of a one-client process; a
+        # process here has `cap` client slots, so it is replaced after
+        # max_use clients per slot (otherwise a busy smtpd would restart
+        # every fraction of a second, each restart a stall).
+        self.max_use = 0 if long_running else cfg.max_use * self.cap
         self.max_idle = 0 if long_running else cfg.max_idle
         self.active = set()
         self.served = 0
