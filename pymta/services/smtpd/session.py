@@ -208,7 +208,6 @@ class Session:
             else:
                 e.greeting_ok(srv.banner)
         await self.pump()
-        reader = self.reader
         loop = self.loop
         timeout = srv.timeout
         self.task = asyncio.current_task()
@@ -220,7 +219,7 @@ class Session:
                 if self.watchdog is None:
                     self.watchdog = loop.call_at(self.deadline, self._watch)
                 try:
-                    data = await reader.read(READ_SIZE)
+                    data = await self.reader.read(READ_SIZE)  # replaced by STARTTLS
                 except asyncio.CancelledError:
                     if not self.timed_out:
                         raise
@@ -509,21 +508,14 @@ class Session:
         if out:
             self.writer.write(b"".join(out))
             out.clear()
-        transport = self.writer.transport
-        protocol = transport.get_protocol()
         try:
-            new = await self.loop.start_tls(transport, protocol, srv.tls.context, server_side=True,
-                                            ssl_handshake_timeout=srv.timeout)
+            # Plaintext the client sent after STARTTLS stays in the old
+            # reader and is never read (command injection defence).
+            self.reader, self.writer = await self.conn.start_tls(srv.tls.context, srv.timeout)
         except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as err:
             log.info(f"SSL_accept error from {req.namaddr}: {err or type(err).__name__}")
             raise _Lost(f"lost connection after STARTTLS from {req.namaddr}") from None
-        # What StreamWriter.start_tls() does; it cannot be used here because
-        # it takes the stream for a client's when the protocol was made
-        # without a client_connected_cb, as the runtime skeleton makes it.
-        writer = asyncio.StreamWriter(new, protocol, self.reader, self.loop)
-        protocol._replace_writer(writer)
-        self.writer = writer
-        self.engine.tls_started(*self._tls_established(new))
+        self.engine.tls_started(*self._tls_established(self.writer.transport))
         req.helo = None
         req.sender = None
         req.sasl_username = ""
