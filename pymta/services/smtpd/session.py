@@ -387,7 +387,7 @@ class Session:
                         client_addr=req.client_addr, helo=e.helo_name or "",
                         sasl_method=req.sasl_method, sasl_username=req.sasl_username,
                         tls_info=self.tls_info)
-        rcpts = [Rcpt(addr, params.get("NOTIFY"), params.get("ORCPT"))
+        rcpts = [Rcpt(addr, params.get("NOTIFY"), _decoded_orcpt(params.get("ORCPT")))
                  for addr, params in ev.recipients]
         attrs = _message_attrs(ev.mail_params)
         local = local_header_rewrite(srv.cfg, srv.policy, req)
@@ -600,6 +600,21 @@ class Session:
             log.info(f"{reason.value} after {where} from {namaddr}")
         elif reason is CloseReason.OVERFLOW:
             log.warning(f"{reason.value} after {self._where()} from {namaddr}")
+
+
+def _decoded_orcpt(value):
+    """ORCPT=type;xtext as the queue keeps it: type;decoded (RFC 3461).
+
+    The smtp client encodes it again on the way out; DSNs show it decoded."""
+    if not value:
+        return value
+    kind, sep, addr = value.partition(";")
+    if not sep:
+        return value
+    try:
+        return f"{kind};{decode_xtext(addr)}"
+    except ValueError:
+        return value
 
 
 def _message_attrs(params):
