@@ -47,9 +47,6 @@ submitted (qualified) when rewriting changed it, else absent.
 one-pass header scanner, exported.
 """
 
-import datetime
-import email.header
-import email.utils
 import errno
 import re
 import time
@@ -320,6 +317,10 @@ def extract_recipients(data, max_field=0):
 def mail_date(t):
     """An RFC 5322 date in local time with the zone name, as Postfix
     writes it: "Fri, 22 Nov 2024 10:00:00 +0100 (CET)"."""
+    # Local imports: qmgr and pickup keep this module loaded while idle,
+    # and datetime and the email package would stay in their memory.
+    import datetime
+    import email.utils
     dt = datetime.datetime.fromtimestamp(t).astimezone()
     s = email.utils.format_datetime(dt)
     zone = dt.tzname() or ""
@@ -344,6 +345,7 @@ def _phrase(name):
     specials, RFC 2047 encoded when it is not ASCII."""
     name = _clean(name, 200).strip()
     if not name.isascii():
+        import email.header  # local: rare, and see mail_date
         return email.header.Header(name, "utf-8").encode()
     if _ATOM_PHRASE_RE.fullmatch(name):
         return name

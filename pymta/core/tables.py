@@ -37,7 +37,10 @@ stores UTF-8 text exactly.  And the table is already SQL: moving it to a
 shared SQL server later only changes where the same `SELECT value FROM
 map WHERE key = ?` goes.  postmap writes a new database under a temporary
 name, fsyncs it and renames it over the old one; readers notice the new
-inode and reopen, so they never see a half-built table.
+inode and reopen, so they never see a half-built table.  sqlite3 (and
+urllib, secrets) are imported in the functions that use them: daemons that
+run all the time and use no hash: table (qmgr, pickup) need not keep them
+in memory.
 
 API:
     open_table(spec, cfg=None, aliases=False) -> Table   (cached per process)
@@ -53,11 +56,8 @@ API:
 import errno
 import os
 import re
-import secrets
-import sqlite3
 import stat
 import threading
-import urllib.parse
 from dataclasses import dataclass, field
 
 from pymta.core import log
@@ -361,6 +361,8 @@ class SqliteTable(Table):
         self._lock = threading.Lock()
 
     def _open(self):
+        import sqlite3  # local: see the module docstring
+        import urllib.parse  # local: see the module docstring
         uri = "file:" + urllib.parse.quote(self.db_path) + "?mode=ro&immutable=1"
         try:
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
@@ -395,6 +397,7 @@ class SqliteTable(Table):
         return self._conn
 
     def lookup(self, key):
+        import sqlite3  # local: see the module docstring
         if len(key) > MAX_KEY:
             return None
         with self._lock:
@@ -406,6 +409,7 @@ class SqliteTable(Table):
         return row[0] if row else None
 
     def items(self):
+        import sqlite3  # local: see the module docstring
         with self._lock:
             conn = self._current()
             try:
@@ -664,6 +668,8 @@ def build_table(spec, cfg=None, aliases=False, fold=True):
         return None
     if not os.path.isabs(name):
         name = os.path.abspath(name)
+    import secrets  # local: see the module docstring
+    import sqlite3  # local: see the module docstring
     data, st = _read_file(name)
     parsed = parse_source(data, name, aliases, fold)
     db_path = name + DB_SUFFIX

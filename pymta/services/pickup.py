@@ -66,7 +66,6 @@ import re
 
 from pymta.core import ipc, log
 from pymta.core.cleanup import Cleanup, Origin, Rcpt
-from pymta.core.dsn import KIND_BOUNCE, DsnRecipient, make_dsn
 from pymta.core.errors import PermFail, TempFail
 from pymta.core.qfile import POST_ATTRS, QueueFileError
 from pymta.core.queue import MAILDROP_MAX_CONTENT, Queue
@@ -223,6 +222,9 @@ class Pickup:
             self.corrupt(name, f"{err.dsn} {err.text} (null sender: no bounce)")
             return False
         to = sender if "@" in sender else f"{sender}@{self.cfg.myorigin}"
+        # Local: the DSN module loads the email package, which an idle
+        # pickup need not keep in memory; bounces here are rare.
+        from pymta.core.dsn import KIND_BOUNCE, DsnRecipient, make_dsn
         try:
             notice = make_dsn(
                 KIND_BOUNCE, sender=sender, to=to, queue_id=name,

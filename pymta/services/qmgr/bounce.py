@@ -22,9 +22,12 @@ other message.  Each function returns nothing and logs what it queued:
     QID: sender non-delivery notification: NEWQID
     QID: postmaster non-delivery notification: NEWQID
     QID: sender delay notification: NEWQID
+
+pymta.core.dsn, and with it the email package, is imported inside the
+functions that make a notice, not at the top: qmgr runs all the time and
+is idle most of it, and those modules would stay in its memory for good.
 """
 
-from pymta.core import dsn as dsnlib
 from pymta.core import log
 from pymta.core.cleanup import Cleanup, Origin
 from pymta.core.errors import PermFail
@@ -93,6 +96,7 @@ class Notifier:
         return qf.read_content()
 
     def _report(self, kind, qf, recipients, postmaster_copy, to):
+        from pymta.core import dsn as dsnlib  # local: see the module docstring
         ret = (qf.attrs.get("ret") or "").upper()
         ret = ret if ret in ("FULL", "HDRS") else None
         original = self._original(qf, ret, postmaster_copy or kind != dsnlib.KIND_BOUNCE)
@@ -115,6 +119,7 @@ class Notifier:
         tries again later.  A report that cannot be made or queued at all
         (ValueError, PermFail: a malformed address) is logged and given
         up."""
+        from pymta.core import dsn as dsnlib  # local: see the module docstring
         qid = qf.queue_id
         sender = qf.sender
         if sender.lower() == self.double_bounce:
@@ -136,6 +141,7 @@ class Notifier:
             log.warning(f"{qid}: cannot make a non-delivery notification: {e}")
 
     def _send_postmaster(self, qf, failed):
+        from pymta.core import dsn as dsnlib  # local: see the module docstring
         content = self._report(dsnlib.KIND_BOUNCE, qf, failed, True, self.postmaster)
         new = self.submit(self.double_bounce, self.postmaster, content)
         log.info(f"{qf.queue_id}: postmaster non-delivery notification: {new}")
@@ -144,6 +150,7 @@ class Notifier:
         """Queue a delay warning for `deferred`: (Recipient, dsn, reason)
         triples.  Nothing for notification senders or recipients whose
         NOTIFY excludes DELAY."""
+        from pymta.core import dsn as dsnlib  # local: see the module docstring
         sender = qf.sender
         if self.is_notification_sender(sender) or not _safe_line(sender):
             return
@@ -172,6 +179,7 @@ def _take(chunks, limit):
 
 
 def _dsn_recipient(entry, action):
+    from pymta.core import dsn as dsnlib  # local: see the module docstring
     status = entry.get("dsn", "5.0.0")
     if not status[:1] in ("4", "5"):
         status = "5.0.0"
