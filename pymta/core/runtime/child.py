@@ -19,14 +19,15 @@ sockets and calls `await handler(conn)` for each, with
 The service never sees any of that: it gets connections.
 """
 
-import argparse
 import asyncio
+import getopt
 import os
 import signal
 import socket
 import struct
 import sys
 import time
+import types
 
 import setproctitle
 
@@ -101,18 +102,28 @@ class Connection:
 
 
 def _parse_args(program, argv):
-    p = argparse.ArgumentParser(prog=program, add_help=False)
-    p.add_argument("-c", dest="config_dir")
-    p.add_argument("-n", dest="name")
-    p.add_argument("-t", dest="type", default="unix")
-    p.add_argument("-o", dest="overrides", action="append", default=[])
-    p.add_argument("-v", dest="verbose", action="store_true")
-    p.add_argument("extra", nargs="*")
+    """-c DIR -n NAME -t TYPE [-o name=value]... [-v] [extra...], options and
+    extra words in any order.  getopt, not argparse: argparse imports shutil
+    (and with it bz2 and lzma), half a MiB in every service process."""
+    args = types.SimpleNamespace(config_dir=None, name=None, type="unix", overrides=[],
+                                 verbose=False, extra=[])
     try:
-        return p.parse_args(argv)
-    except SystemExit:
+        opts, args.extra = getopt.gnu_getopt(argv, "c:n:t:o:v")
+    except getopt.GetoptError:
         sys.stderr.write(f"{program}: usage: {program} -c config_dir -n name -t type [-o name=value]... [-v]\n")
         raise SystemExit(EX_USAGE) from None
+    for opt, value in opts:
+        if opt == "-c":
+            args.config_dir = value
+        elif opt == "-n":
+            args.name = value
+        elif opt == "-t":
+            args.type = value
+        elif opt == "-o":
+            args.overrides.append(value)
+        else:
+            args.verbose = True
+    return args
 
 
 def _log_uncaught(exc_type, exc, tb):
