@@ -19,7 +19,10 @@ because cleanup writes and fsyncs the queue file exactly as for delivery
 and qmgr never sees it.
 
 Dovecot runs as `dovecot -c FILE` and stops with `dovecot -c FILE stop`;
-base_dir, state and log are private; users come from a passwd-file.
+base_dir, state and log are private; users come from a passwd-file.  The
+bench user's password is the very `{ARGON2ID}` hash string that `pymta user
+add` wrote into pymta's etc/users, so both servers verify the same argon2id
+hash (the same memory and time cost) at every login.
 """
 
 import grp
@@ -313,7 +316,7 @@ mail_location = maildir:{top}/mail/%d/%n
 first_valid_uid = 1
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u {top}/users
+  args = scheme=ARGON2ID username_format=%u {top}/users
 }}
 userdb {{
   driver = static
@@ -361,8 +364,20 @@ class Dovecot:
         self.maildir = os.path.join(top, "mail", BENCH_DOMAIN, BENCH_USER)
         self.started = False
 
-    def setup(self):
+    def setup(self, password_hash=None):
+        """The configuration, the users file and the Maildir.  `password_hash`
+        is the bench user's `{ARGON2ID}...` string from pymta's users file
+        (the same hash on both sides); without one (pymta could not be set
+        up), doveadm makes an argon2id hash."""
         uid, gid = mailbox_ids()
+        if password_hash is None:
+            password_hash = run(["doveadm", "pw", "-s", "ARGON2ID", "-p", BENCH_PASSWORD],
+                                timeout=60).stdout.strip()
+        if not password_hash.upper().startswith("{ARGON2ID}"):
+            raise BenchError(f"the bench user's password hash is not {{ARGON2ID}}: "
+                             f"{password_hash[:20]}...")
+        # Dovecot must verify it, or W4 would fail at the login anyway.
+        run(["doveadm", "pw", "-t", password_hash, "-p", BENCH_PASSWORD], timeout=60)
         for d in ("run", "state", "log", "mail"):
             os.makedirs(os.path.join(self.top, d), 0o755, exist_ok=True)
         os.chmod(self.top, 0o755)
@@ -371,7 +386,7 @@ class Dovecot:
                                         uid=uid, gid=gid))
         users = os.path.join(self.top, "users")
         with open(users, "w") as f:
-            f.write(f"{BENCH_ADDR}:{{PLAIN}}{BENCH_PASSWORD}::::::\n")
+            f.write(f"{BENCH_ADDR}:{password_hash}::::::\n")
         os.chmod(users, 0o640)
         os.chown(users, 0, grp.getgrnam("dovecot").gr_gid)
         make_maildir(os.path.join(self.top, "mail", BENCH_DOMAIN), uid, gid)

@@ -87,12 +87,29 @@ class Pymta:
             with open(path, "w") as f:
                 f.writelines(kept)
 
+    def password_hash(self):
+        """The bench user's password field in etc/users (`{ARGON2ID}$argon2id$...`),
+        or None when there is none (set-up failed)."""
+        try:
+            with open(os.path.join(self.etc, "users")) as f:
+                for line in f:
+                    name, sep, rest = line.partition(":")
+                    if sep and name == BENCH_ADDR:
+                        return rest.split(":", 1)[0]
+        except OSError:
+            return None
+        return None
+
     def available(self):
         """Raise NotAvailable if the instance could not even be made."""
         if self.setup_error:
             raise NotAvailable(self.setup_error)
 
-    def start(self):
+    def start(self, greet=True):
+        """`pymta start`, then wait for the master and the smtp listener.
+        `greet`: also check the SMTP greeting, which makes the master start
+        an smtpd (network services start on demand): W5 idle starts with
+        greet=False and calls check_greeting() after its samples."""
         self.available()
         p = run(self.command("pymta", "start"), check=False, timeout=120)
         if p.returncode != 0:
@@ -105,6 +122,10 @@ class Pymta:
                      what=f"pymta smtpd on port {self.smtp_port}")
         except BenchError as e:
             raise NotAvailable(str(e)) from None
+        if greet:
+            self.check_greeting()
+
+    def check_greeting(self):
         banner = smtp_banner(self.smtp_port)
         if not banner.startswith("220"):
             raise NotAvailable(f"no SMTP greeting on port {self.smtp_port} (got {banner[:60]!r})")

@@ -8,7 +8,8 @@ alternating (A B A B ...), one Row per workload and system.
     W4  POP3: one session of USER/PASS, STAT, UIDL, RETR of 1,000 ~4 KiB
         messages (tests/bench/popclient.py), Dovecot and pymta.
     W5  memory: PSS of the whole instance (master and all its children),
-        idle after start and the peak under W1 (4 KiB), Postfix and pymta.
+        idle after start (before any connection: network services start
+        on demand) and the peak under W1 (4 KiB), Postfix and pymta.
     W6  scale: N messages in the deferred queue: `mailq` time, qmgr PSS,
         time to deliver them all once they may go (flush).
 
@@ -153,9 +154,6 @@ class Bench:
         self.postfix.setup()
         self.note_command(f"postfix -c {self.postfix.etc} start   "
                           f"# main.cf, master.cf: {self.postfix.etc}")
-        if "W4" in selected:
-            self.dovecot.setup()
-            self.note_command(f"dovecot -c {self.dovecot.conf}")
         self.pymta.setup()
         self.note_command(f"{self.pymta.bin('pymta')} init {self.pymta.top} --hostname "
                           f"mx.bench.example --domain bench.example --listen 127.0.0.1 "
@@ -163,6 +161,13 @@ class Bench:
         self.note_command(f"echo PASSWORD | {self.pymta.bin('pymta')} -c {self.pymta.etc} "
                           f"user add {BENCH_ADDR}")
         self.note_command(f"{self.pymta.bin('pymta')} -c {self.pymta.etc} start")
+        if "W4" in selected:
+            # Dovecot gets the hash `pymta user add` wrote: both verify the
+            # same {ARGON2ID} string at login.
+            self.dovecot.setup(self.pymta.password_hash())
+            self.note_command(f"# Dovecot's passwd-file: the {{ARGON2ID}} hash from "
+                              f"{self.pymta.etc}/users")
+            self.note_command(f"dovecot -c {self.dovecot.conf}")
         if "W2" in selected:
             self.held.setup()
             self.note_command(f"# W2: a second instance ({self.held.top}) whose master.cf "
@@ -171,16 +176,25 @@ class Bench:
     def start_main(self, selected):
         """Start Postfix, pymta (and Dovecot for W4); W5 idle right after."""
         self.log("starting Postfix and pymta")
+        idle = "W5" in selected or "W1" in selected
         self.postfix.start()
         try:
-            self.pymta.start()
+            # No SMTP greeting before W5 idle: it would start an smtpd that
+            # stays for max_idle, and Postfix's side has none either.
+            self.pymta.start(greet=not idle)
         except NotAvailable as e:
             self.errors["pymta"] = e
             self.log(f"  pymta: not available: {e}")
         if "W4" in selected:
             self.dovecot.start()
-        if "W5" in selected or "W1" in selected:
+        if idle:
             self.w5_idle()
+            if "pymta" not in self.errors:
+                try:
+                    self.pymta.check_greeting()
+                except NotAvailable as e:
+                    self.errors["pymta"] = e
+                    self.log(f"  pymta: not available: {e}")
 
     def stop_all(self):
         """Stop everything this run started, each by its own stop command
@@ -325,7 +339,8 @@ class Bench:
                 self.rows.remove(py)
 
     def w5_idle(self):
-        """PSS of each whole instance, settled after start, before any mail."""
+        """PSS of each whole instance, settled after start, before any mail or
+        connection (pymta's smtpd, like Postfix's, starts on the first one)."""
         self.log("W5 idle: PSS of each instance after start")
         time.sleep(3)
         sides = []
