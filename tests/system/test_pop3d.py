@@ -424,9 +424,14 @@ def test_failed_login_is_delayed_and_logged_for_fail2ban(pop, tmp_path):
     assert "wrong password" not in log and PASSWORD not in log
     if not shutil.which("fail2ban-regex"):
         pytest.fail("fail2ban-regex is not installed (Debian package fail2ban)")
-    filt = tmp_path / "pymta-dovecot.conf"
-    filt.write_text("[INCLUDES]\nbefore = /etc/fail2ban/filter.d/dovecot.conf\n\n"
-                    "[Definition]\n_daemon = pymta/(?:pop3d|imapd)\n")
+    # The filter etc/ ships, next to the stock filters it includes.
+    filters = tmp_path / "filter.d"
+    filters.mkdir()
+    for name in ("common.conf", "dovecot.conf"):
+        shutil.copy(os.path.join("/etc/fail2ban/filter.d", name), filters)
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "..", "etc", "fail2ban", "filter.d",
+                             "pymta-dovecot.conf"), filters)
+    filt = filters / "pymta-dovecot.conf"
     out = subprocess.run(["fail2ban-regex", "--print-all-matched", pop.maillog, str(filt)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
