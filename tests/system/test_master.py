@@ -236,3 +236,17 @@ def test_foreground_logs_to_stderr_and_stops_on_sigterm(instance):
     assert p.returncode == 0
     assert "pymta/master: daemon started" in err
     assert "pymta/master: terminating on signal 15" in err
+
+
+def test_ipv6_and_all_interfaces_listeners(instance):
+    v6 = instance.ports["smtp"]
+    every = instance.ports["pop3"]
+    instance.write_master_cf(f"[::1]:{v6} inet n - n - 2 {ECHO}\n"
+                             f"{every} inet n - n - 2 {ECHO} -o inet_interfaces=loopback-only\n")
+    instance.start()
+    with socket.create_connection(("::1", v6), timeout=5) as s:
+        assert s.makefile("rb").readline().startswith(b"hello ")
+    # A bare port listens on inet_interfaces for both families.
+    for host in ("127.0.0.1", "::1"):
+        with socket.create_connection((host, every), timeout=5) as s:
+            assert s.makefile("rb").readline().startswith(b"hello ")
