@@ -84,6 +84,7 @@ FLUSH_SIZE = 1 << 18            # write replies once this much is waiting
 READ_SIZE = 1 << 16
 CLOSE_WAIT = 5.0                # seconds for a TLS close to finish
 _VSIZE_FIELD = re.compile(r",W=(\d{1,20})(?=[,:]|$)")
+_UIDL_OK = re.compile(r"[!-~]{1,70}")
 _FILE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -98,7 +99,7 @@ class MaildropClosed(Exception):
 def uidl_of(base):
     """The UIDL of a message: its maildir unique name, when that is a valid
     RFC 1939 unique-id (1-70 characters 0x21-0x7E); else a digest of it."""
-    if 0 < len(base) <= 70 and all("!" <= c <= "~" for c in base):
+    if _UIDL_OK.fullmatch(base):
         return base
     return "H" + hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -481,32 +482,47 @@ class Session:
         self.tls_error = ""
         self._out = []
         self._out_size = 0
-        self._timer = None
+        self._loop = None
+        self._task = None
+        # pop3d_timeout: one timer per session (_watch); a command only moves
+        # the deadline, so no timer is cancelled and made anew per command.
+        self._deadline = 0.0
+        self._watchdog = None
+        self._timed_out = False
 
     # -- main loop ---------------------------------------------------------------
 
     async def run(self):
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
         engine = self.engine
+        timeout = self.service.timeout
         try:
-            async with asyncio.timeout(None) as timer:
-                self._timer = timer
+            try:
                 engine.greeting(self.service.banner)
                 while await self._pump():
-                    timer.reschedule(loop.time() + self.service.timeout)
+                    self._deadline = loop.time() + timeout
+                    if self._watchdog is None:
+                        self._watchdog = loop.call_at(self._deadline, self._watch)
                     data = await self.reader.read(READ_SIZE)
                     if not data:
                         self.end = "dropped"
                         break
                     engine.feed(data)
-                self._timer = None
+            except asyncio.CancelledError:
+                if not self._timed_out:
+                    raise
+                self._task.uncancel()
+                raise TimeoutError() from None
+            finally:
+                if self._watchdog is not None:
+                    self._watchdog.cancel()
+                    self._watchdog = None
         except TimeoutError:
-            self._timer = None
             self.end = "timeout"
             engine.timeout()
             await self._finish_events()
         except (ConnectionError, OSError, ssl.SSLError) as e:
-            self._timer = None
             self.end = "dropped"
             log.verbose(f"session {self.id}: {e}")
         except asyncio.CancelledError:
@@ -518,7 +534,6 @@ class Session:
                     self.writer.write(ev.data)
             raise
         finally:
-            self._timer = None
             if self.maildrop is not None:
                 self.maildrop.close()
             self._log_end()
@@ -558,8 +573,17 @@ class Session:
 
     def _touch(self):
         """Restart the idle timer: the client is making progress."""
-        if self._timer is not None:
-            self._timer.reschedule(asyncio.get_running_loop().time() + self.service.timeout)
+        self._deadline = self._loop.time() + self.service.timeout
+
+    def _watch(self):
+        """The idle timer: end the session once the deadline has passed,
+        else wait for the deadline as it is now."""
+        if self._loop.time() < self._deadline:
+            self._watchdog = self._loop.call_at(self._deadline, self._watch)
+            return
+        self._watchdog = None
+        self._timed_out = True
+        self._task.cancel()
 
     async def _pump(self):
         """Act on the engine's events; False once it closed the session."""
@@ -726,8 +750,11 @@ class Session:
             engine.retrieve_failed("Message no longer exists.")
             return
         try:
-            chunk = os.read(fd, READ_CHUNK)
-            more = len(chunk) == READ_CHUNK
+            # The size is known from the scan: a small message is one read
+            # into a buffer of its size, not into one of READ_CHUNK.
+            want = min(READ_CHUNK, drop.messages[ev.index].size + 1)
+            chunk = os.read(fd, want)
+            more = len(chunk) == want
             engine.retrieve_ok(chunk, more)
             while engine.retrieving:
                 # A large message: send this part before reading the next.
