@@ -58,7 +58,7 @@ from pymta.core.errors import ConfigError, PermFail, TempFail
 from pymta.core.tables import (
     lookup_address, open_tables, split_addresses, split_table_list,
 )
-from pymta.core.trigger import SCAN_INCOMING, qmgr_socket, send_trigger
+from pymta.core.trigger import SCAN_INCOMING, Coalescer, qmgr_socket
 
 MAX_RECIPIENTS = 100_000            # per message, after alias expansion
 CANONICAL_RECURSION_LIMIT = 10      # Postfix's cleanup_map11 limit
@@ -371,6 +371,8 @@ class Cleanup:
         self.max_recipients = max_recipients
         self.log_entry = log_entry
         self.trigger = trigger
+        # One trigger per burst, not per message (at most 5 ms late).
+        self._kick = Coalescer(qmgr_socket(cfg), SCAN_INCOMING)
         self.myhostname = cfg.myhostname
         self.myorigin = cfg.myorigin
         self.mail_name = cfg.mail_name
@@ -701,7 +703,7 @@ class Cleanup:
                 raise self._write_error(e) from None
         self._log(qid, origin, sender, message_id)
         if self.trigger:
-            send_trigger(qmgr_socket(cfg), SCAN_INCOMING)
+            self._kick.send()
         return qid
 
     def _origin_attrs(self, writer, origin):
