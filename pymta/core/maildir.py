@@ -51,7 +51,6 @@ import time
 from typing import NamedTuple, Sequence, Union
 
 from pymta.core.errors import PermFail, TempFail
-from pymta.core.safeio import GroupSync
 
 __all__ = [
     "MaildirTempError", "MaildirQuotaError", "MaildirMessage",
@@ -67,7 +66,6 @@ MAX_FOLDER_NAME = 255          # one path component
 _OPEN_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                | os.O_CLOEXEC)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_GROUP = GroupSync()
 _TMP_RETRIES = 5
 _SIZE_FIELD = re.compile(r",S=(\d{1,20})(?=[,:]|$)")
 
@@ -255,15 +253,7 @@ def _write_all(fd, chunks):
 
 
 def fsync_dir(path):
-    """fsync a directory, making the entries renamed into it durable.
-
-    Threads delivering into one new/ at once (local runs its requests in a
-    thread pool) share an fsync that started after each caller's rename
-    (safeio.GroupSync): one directory fsync covers them all."""
-    _GROUP.sync(path, lambda: _fsync_dir_now(path))
-
-
-def _fsync_dir_now(path):
+    """fsync a directory, making the entries renamed into it durable."""
     fd = os.open(path, _DIR_FLAGS)
     try:
         os.fsync(fd)

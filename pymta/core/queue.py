@@ -33,7 +33,7 @@ from pymta.core.qfile import (
 )
 from pymta.core.queue_id import PREFIX_WIDTH, new_queue_id, time_prefix, valid_queue_id
 from pymta.core.safeio import (
-    GroupSync, open_exclusive, temp_name, unlink_quiet, write_all,
+    open_exclusive, temp_name, unlink_quiet, write_all,
 )
 
 QUEUE_NAMES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
@@ -75,7 +75,6 @@ class Queue:
         self.directory = os.path.abspath(queue_directory)
         self.hash_depth = hash_depth
         self._dirfds = {}
-        self._group = GroupSync()
 
     # -- names ----------------------------------------------------------------
 
@@ -113,14 +112,7 @@ class Queue:
         return dirs
 
     def _sync_dir(self, path):
-        """fsync a queue directory, keeping its fd open for the next time.
-
-        Threads committing into the same directory at once (smtpd's cleanup
-        calls) share one fsync that started after each caller's rename
-        (safeio.GroupSync): never acknowledged before it is durable."""
-        self._group.sync(path, lambda: self._fsync_dir_now(path))
-
-    def _fsync_dir_now(self, path):
+        """fsync a queue directory, keeping its fd open for the next time."""
         fd = self._dirfds.get(path)
         if fd is None:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

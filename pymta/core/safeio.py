@@ -12,7 +12,6 @@ except the ENOENT of cleaning up a temporary file that is already gone.
 import errno
 import os
 import secrets
-import threading
 
 # Flags for a file we create and nobody else may have prepared for us.
 _EXCL_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -25,48 +24,6 @@ def fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class GroupSync:
-    """Group commit of fsyncs among the threads of one process.
-
-    `sync(key, fsync)` returns once a call of `fsync()` for `key` that
-    started after `sync` was entered has succeeded, so whatever the caller
-    did before (a rename into the directory `key`) is then durable.  Callers
-    that arrive while an fsync of the same key runs wait for it to end and
-    share the next one: N concurrent commits into one directory cost about
-    two directory fsyncs instead of N.  A failed fsync raises in the caller
-    that ran it; each waiter it covered then runs its own."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._state = {}        # key -> [tickets issued, ticket synced, running]
-
-    def sync(self, key, fsync):
-        cond = self._cond
-        with cond:
-            st = self._state.get(key)
-            if st is None:
-                st = self._state[key] = [0, 0, False]
-            st[0] += 1
-            mine = st[0]
-            while st[1] < mine:
-                if st[2]:
-                    cond.wait()
-                    continue
-                st[2] = True
-                covered = st[0]     # every ticket up to here was taken before this fsync
-                cond.release()
-                ok = False
-                try:
-                    fsync()
-                    ok = True
-                finally:
-                    cond.acquire()
-                    st[2] = False
-                    if ok and covered > st[1]:
-                        st[1] = covered
-                    cond.notify_all()
 
 
 def open_exclusive(path, mode=0o600, flags=os.O_WRONLY, exact_mode=False):
