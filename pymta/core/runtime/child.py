@@ -38,6 +38,8 @@ from pymta.core.runtime import (LIFELINE_FD, LISTEN_FD, STATUS_FD, STATUS_FORMAT
 
 DRAIN_TIME = 10.0       # seconds a stopped process gives its open connections
 STREAM_LIMIT = 1 << 20  # StreamReader buffer limit
+TRIGGER_LIMIT = 1024    # bytes of one trigger request read (read_trigger's limit)
+TRIGGER_TIMEOUT = 10    # seconds a trigger connection may take to send them
 
 
 class ServiceContext:
@@ -165,9 +167,11 @@ def start(program, argv=None):
 
 
 class _Server:
-    def __init__(self, ctx, handler, long_running, ssl_context):
+    def __init__(self, ctx, handler, long_running, ssl_context, on_trigger=None):
         self.ctx = ctx
         self.handler = handler
+        self.on_trigger = on_trigger
+        self.triggers = {}      # fd -> timeout handle of a trigger being read
         self.long_running = long_running
         self.ssl_context = ssl_context
         cfg = ctx.cfg
@@ -236,6 +240,9 @@ class _Server:
             if not self.used_reported:
                 self.used_reported = True
                 self.report(STAT_USED)
+            if self.on_trigger is not None:
+                self.start_trigger(conn)
+                continue
             task = self.loop.create_task(self.run_one(conn, lsock))
             self.active.add(task)
             task.add_done_callback(self.finished)
@@ -244,6 +251,37 @@ class _Server:
             if self.max_use and self.served >= self.max_use:
                 self.leave(None)
                 return
+
+    # -- trigger connections: a few bytes, no streams ---------------------------
+    def start_trigger(self, conn):
+        """Read a trigger (pymta.core.trigger) with a plain reader callback:
+        no task, no transport, no streams; a trigger service (qmgr, pickup)
+        gets one connection per request."""
+        fd = conn.fileno()
+        pending = self.triggers
+        timer = self.loop.call_later(TRIGGER_TIMEOUT, self.end_trigger, conn, b"")
+        pending[fd] = timer
+        self.loop.add_reader(fd, self.trigger_readable, conn)
+
+    def trigger_readable(self, conn):
+        try:
+            data = conn.recv(TRIGGER_LIMIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self.end_trigger(conn, data)
+
+    def end_trigger(self, conn, data):
+        fd = conn.fileno()
+        timer = self.triggers.pop(fd, None)
+        if timer is not None:
+            timer.cancel()
+        self.loop.remove_reader(fd)
+        conn.close()
+        self.last_activity = time.monotonic()
+        if data:
+            self.on_trigger(data)
 
     async def run_one(self, conn, lsock):
         reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=self.loop)
@@ -356,14 +394,20 @@ class _Server:
             raise main_task.exception()
 
 
-def serve(ctx, handler, *, main=None, long_running=False, ssl_context=None):
+def serve(ctx, handler, *, main=None, long_running=False, ssl_context=None,
+          on_trigger=None):
     """Run the service: accept connections, call `await handler(conn)` each.
+
+    `on_trigger`, if given, replaces `handler` for a trigger service: each
+    connection's first bytes (up to 1024, within 10 s) are read without
+    asyncio streams and passed to `on_trigger(data)`, a plain function; a
+    connection that closes or times out without data is ignored.
 
     `main`, if given, is a coroutine function run beside the server (qmgr's
     scheduler); the process leaves when it returns.  `long_running` services
     (qmgr, pickup) ignore max_use and max_idle.  `ssl_context` makes every
     accepted connection implicit TLS (submissions, pop3s, imaps)."""
-    server = _Server(ctx, handler, long_running, ssl_context)
+    server = _Server(ctx, handler, long_running, ssl_context, on_trigger)
     try:
         asyncio.run(server.run(main))
     except KeyboardInterrupt:

@@ -115,12 +115,8 @@ def main(argv=None):
     scheduler = Scheduler(cfg, queue, Scanner(queue), resolver, notifier, services,
                           active_limit(cfg))
 
-    async def on_trigger(conn):
-        data = await child.read_trigger(conn)
-        if data:
-            scheduler.trigger(data)
-
-    return child.serve(ctx, on_trigger, main=scheduler.run, long_running=True)
+    return child.serve(ctx, None, main=scheduler.run, long_running=True,
+                       on_trigger=scheduler.trigger)
 
 
 if __name__ == "__main__":
