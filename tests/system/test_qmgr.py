@@ -519,10 +519,13 @@ def test_agent_error_reply_defers_with_its_reason(instance):
 
 def test_damaged_file_goes_to_corrupt(instance):
     rig = make_rig(instance)
-    qid = rig.inject(dict(sender="a@test.example", rcpts=["b@test.example"]))[0]
-    path = rig.queue.path("incoming", qid)
+    # Damage it in hold/, which qmgr never reads (in incoming/ qmgr's scan
+    # could take it before the damage), then put it where qmgr looks.
+    qid = rig.inject(dict(sender="a@test.example", rcpts=["b@test.example"], queue="hold"))[0]
+    path = rig.queue.path("hold", qid)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 3)
+    rig.queue.move(qid, "hold", "incoming")
     rig.trigger()
     wait_for(lambda: rig.where(qid) == "corrupt", what="file moved to corrupt/")
     instance.wait_log(f'saving corrupt file "{qid}" from queue "incoming" to queue "corrupt"')
