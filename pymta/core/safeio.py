@@ -11,7 +11,6 @@ except the ENOENT of cleaning up a temporary file that is already gone.
 
 import errno
 import os
-import secrets
 
 # Flags for a file we create and nobody else may have prepared for us.
 _EXCL_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -88,6 +87,9 @@ def temp_name(directory, prefix=".tmp"):
     """A fresh hidden name in `directory` for a file about to be created.
 
     Names start with a dot, so queue scans and Maildir readers skip them."""
+    # Local: secrets brings hmac and hashlib, which the daemons that run all
+    # the time (qmgr, pickup) need not keep in memory while they are idle.
+    import secrets
     return os.path.join(directory, f"{prefix}.{os.getpid()}.{secrets.token_hex(6)}")
 
 
