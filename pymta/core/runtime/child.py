@@ -409,10 +409,33 @@ def serve(ctx, handler, *, main=None, long_running=False, ssl_context=None,
     accepted connection implicit TLS (submissions, pop3s, imaps)."""
     server = _Server(ctx, handler, long_running, ssl_context, on_trigger)
     try:
-        asyncio.run(server.run(main))
+        with asyncio.Runner(loop_factory=_loop_factory(long_running)) as runner:
+            runner.run(server.run(main))
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _loop_factory(long_running):
+    """uvloop's event loop when it is installed, for the services that
+    serve connections (smtpd, pop3d, the delivery agents): it spends less
+    CPU per read, write and wake-up than asyncio's own.  Not for the
+    long-running ones (qmgr, pickup): those sit idle nearly all the time,
+    and uvloop would add about 2 MiB to each of them for good.  None means
+    asyncio's default loop."""
+    if long_running:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    # libuv never closes descriptors 0-2 (it aborts the process instead).  A
+    # detached master leaves 1 and 2 closed, so the loop's own descriptors
+    # would land there: /dev/null takes whichever of them is free first.
+    while (fd := os.open(os.devnull, os.O_RDWR)) <= 2:
+        os.set_inheritable(fd, True)
+    os.close(fd)
+    return uvloop.new_event_loop
 
 
 async def read_trigger(conn, limit=1024, timeout=10):
