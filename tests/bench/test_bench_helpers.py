@@ -1,6 +1,7 @@
 """Unit tests of the benchmark harness's pure helpers (no servers, fast):
 medians and ratios, the report section and its markers, the Maildir and
-fsync helpers, Postfix queue file copies, argument parsing."""
+fsync helpers, Postfix queue file copies, argument parsing, the password
+hash both POP3 servers share."""
 
 import os
 import socket
@@ -8,6 +9,8 @@ import socket
 import pytest
 
 from tests.bench import report
+from tests.bench.anchors import BENCH_ADDR
+from tests.bench.pymta_side import Pymta
 from tests.bench.report import BEGIN, END, Row
 from tests.bench.run import parse_args
 from tests.bench.util import (
@@ -151,3 +154,15 @@ def test_args_and_quick_settings():
     q = Settings.make(quick=True)
     assert (q.rounds, q.smtp_count, q.scale_count) == (1, 500, 5000)
     assert Settings.make(rounds=5).rounds == 5
+
+
+def test_password_hash_is_the_bench_users_field(tmp_path):
+    inst = Pymta(str(tmp_path / "i"), 0)
+    assert inst.password_hash() is None
+    os.makedirs(inst.etc)
+    stored = "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2g"
+    with open(os.path.join(inst.etc, "users"), "w") as f:
+        f.write("# user@domain:{ARGON2ID}hash::::::\n")
+        f.write(f"other@{BENCH_ADDR.split('@')[1]}:{{PLAIN}}x::::::\n")
+        f.write(f"{BENCH_ADDR}:{stored}::::::\n")
+    assert inst.password_hash() == stored
