@@ -31,7 +31,7 @@ import sys
 
 from pymta.core import config
 from pymta.core.errors import ConfigError
-from pymta.core.tables import build_table, split_spec, split_table_list
+from pymta.core.tables import build_and_report, split_table_list
 
 
 def rebuild(cfg, specs=None, prog="newaliases", verbose=False, err=None):
@@ -41,15 +41,7 @@ def rebuild(cfg, specs=None, prog="newaliases", verbose=False, err=None):
         if specs is None:
             specs = split_table_list(cfg.get_str("alias_database"))
         for spec in specs:
-            result = build_table(spec, cfg, aliases=True)
-            if result is None:
-                err.write(f"{prog}: {spec}: nothing to build ({split_spec(spec)[0]} tables "
-                          f"are read directly)\n")
-                continue
-            for w in result.warnings:
-                err.write(f"{prog}: warning: {w}\n")
-            if verbose:
-                err.write(f"{prog}: {result.db_path}: {result.entries} aliases\n")
+            build_and_report(spec, cfg, True, prog, err, verbose, noun="aliases")
     except ConfigError as e:
         err.write(f"{prog}: fatal: {e}\n")
         return 1

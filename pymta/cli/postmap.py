@@ -49,7 +49,7 @@ import sys
 from pymta.core import config
 from pymta.core.errors import ConfigError
 from pymta.core.tables import (
-    DEFAULT_TYPE, build_table, open_table, split_spec,
+    DEFAULT_TYPE, build_and_report, open_table, split_spec,
 )
 
 FILE_TYPES = ("hash", "texthash", "passwd-file")
@@ -146,15 +146,7 @@ def run(prog, argv, aliases):
                     out.write(f"{k}\t{v}\n")
             return 0
         for spec in specs:
-            result = build_table(spec, cfg, aliases, fold=fold)
-            if result is None:
-                err.write(f"{prog}: {spec}: nothing to build ({split_spec(spec)[0]} tables "
-                          f"are read directly)\n")
-                continue
-            for w in result.warnings:
-                err.write(f"{prog}: warning: {w}\n")
-            if verbose:
-                err.write(f"{prog}: {result.db_path}: {result.entries} entries\n")
+            build_and_report(spec, cfg, aliases, prog, err, verbose, fold=fold)
         return 0
     except (ConfigError, Fatal) as e:
         err.write(f"{prog}: fatal: {e}\n")

@@ -706,3 +706,17 @@ def build_table(spec, cfg=None, aliases=False, fold=True):
         raise
     fsync_dir(directory)
     return BuildResult(db_path, len(parsed.entries), parsed.warnings)
+
+
+def build_and_report(spec, cfg, aliases, prog, err, verbose=False, fold=True, noun="entries"):
+    """Build one table as postmap, postalias and newaliases do, writing
+    their messages (nothing to build, warnings, -v counts) to err."""
+    result = build_table(spec, cfg, aliases, fold=fold)
+    if result is None:
+        err.write(f"{prog}: {spec}: nothing to build ({split_spec(spec)[0]} tables "
+                  f"are read directly)\n")
+        return
+    for w in result.warnings:
+        err.write(f"{prog}: warning: {w}\n")
+    if verbose:
+        err.write(f"{prog}: {result.db_path}: {result.entries} {noun}\n")
