@@ -33,13 +33,17 @@ from pymta.core.qfile import (
 )
 from pymta.core.queue_id import PREFIX_WIDTH, new_queue_id, time_prefix, valid_queue_id
 from pymta.core.safeio import (
-    open_exclusive, temp_name, unlink_quiet, write_all,
+    mark_top_directory, open_exclusive, temp_name, unlink_quiet, write_all,
 )
 
 QUEUE_NAMES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 LOG_NAMES = ("defer", "bounce")
 HASHED_NAMES = frozenset({"incoming", "active", "deferred", "hold", "defer", "bounce"})
 HASH_CHARS = "0123456789ABCDEF"
+# Queues where files are created (not only renamed into): their hashed
+# subdirectories are spread across the file system's block groups
+# (safeio.mark_top_directory; docs/queue.md "Where the inodes go").
+SPREAD_NAMES = ("incoming", "defer", "bounce")
 # Queues a message file may be created in directly (maildrop: write_maildrop).
 CREATE_NAMES = ("incoming", "active", "deferred", "hold")
 # Moves into or out of these are fsynced: a lost rename there is not
@@ -167,8 +171,11 @@ class Queue:
             # A queue_directory that exists keeps the mode the admin gave it.
             os.makedirs(self.directory, TOP_MODE, exist_ok=True)
             os.chmod(self.directory, TOP_MODE)
+        mark_top_directory(self.directory)
         for name, mode in DIR_MODES.items():
             make(os.path.join(self.directory, name), mode)
+            if name in SPREAD_NAMES:
+                mark_top_directory(os.path.join(self.directory, name))
             for d in self._all_levels(name):
                 make(d, 0o700)
         self._sync_dir(self.directory)

@@ -493,3 +493,49 @@ def test_open_exclusive_refuses_existing_and_symlinks(tmp_path):
         os.close(fd)
     assert mode(tmp_path / "new") == 0o604
     fsync_dir(str(tmp_path))
+
+
+def _topdir_flag(path):
+    import fcntl
+    import struct
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = struct.unpack("I", fcntl.ioctl(fd, 0x80086601, b"\0" * 4))[0]
+    finally:
+        os.close(fd)
+    return bool(flags & 0x00020000)
+
+
+def test_create_dirs_spreads_the_queues_that_create_files(tmp_path):
+    """incoming, defer and bounce (and the spool) carry FS_TOPDIR_FL where the
+    file system has it, so their hashed subdirectories land in different
+    block groups; the queues that only receive renames do not."""
+    from pymta.core.safeio import mark_top_directory
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if not mark_top_directory(str(probe)):
+        # tmp_path is on a file system without the flag: then the hint is
+        # a no-op, and create_dirs must still work.
+        q = Queue(str(tmp_path / "spool"))
+        q.create_dirs()
+        assert q.check_dirs() == []
+        return
+    q = Queue(str(tmp_path / "spool"))
+    q.create_dirs()
+    assert q.check_dirs() == []
+    for name in ("incoming", "defer", "bounce"):
+        assert _topdir_flag(os.path.join(q.directory, name)), name
+    assert _topdir_flag(q.directory)
+    for name in ("active", "deferred", "hold", "corrupt", "maildrop"):
+        assert not _topdir_flag(os.path.join(q.directory, name)), name
+
+
+def test_mark_top_directory_is_a_no_op_where_the_flag_does_not_exist():
+    """tmpfs has no FS_TOPDIR_FL: False, and the directory is unchanged."""
+    from pymta.core.safeio import mark_top_directory
+    d = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        assert mark_top_directory(d) is False
+        assert os.path.isdir(d)
+    finally:
+        os.rmdir(d)
