@@ -22,7 +22,25 @@ _state = {
     "stderr": False,
     "syslog": False,
     "verbose": False,
+    "pid": None,            # os.getpid() once per process, not per line
+    "stamp": (None, ""),    # (second, "Nov 22 10:00:00"): one strftime a second
 }
+
+
+def _forget_pid():
+    _state["pid"] = None
+
+
+os.register_at_fork(after_in_child=_forget_pid)
+
+
+def _stamp():
+    now = int(time.time())
+    second, text = _state["stamp"]
+    if second != now:
+        text = time.strftime("%b %e %H:%M:%S", time.localtime(now))
+        _state["stamp"] = (now, text)
+    return text
 
 
 def setup(program, cfg=None, stderr=False, verbose=False, tag=None):
@@ -70,7 +88,10 @@ def _emit(priority, text):
     text = text.replace("\n", " ").replace("\r", " ")
     if _state["syslog"]:
         syslog.syslog(priority, text)
-    line = f"{time.strftime('%b %e %H:%M:%S')} {_state['host']} {_state['tag']}[{os.getpid()}]: {text}\n"
+    pid = _state["pid"]
+    if pid is None:
+        pid = _state["pid"] = os.getpid()
+    line = f"{_stamp()} {_state['host']} {_state['tag']}[{pid}]: {text}\n"
     data = line.encode("utf-8", "backslashreplace")
     if _state["fd"] is not None:
         try:

@@ -15,6 +15,7 @@ cost qmgr an accepted connection per message).
 """
 
 import asyncio
+import atexit
 import os
 import socket
 import threading
@@ -61,32 +62,58 @@ class Coalescer:
     last send was at least `window` ago; otherwise it makes sure a send
     happens at the end of the window, after the event, so the service
     still sees it (at most `window` later).  Thread-safe: smtpd commits in
-    a thread pool.  The timer thread is not a daemon, so a process that
-    exits with a send pending still makes it."""
+    a thread pool.  The delayed sends are made by one thread per Coalescer,
+    started at the first one and kept (a thread per delayed send cost a
+    thread start and exit every few milliseconds under load).  It is a
+    daemon thread; `flush()` (registered with atexit) makes a send that is
+    still pending when the process exits."""
 
     def __init__(self, path, request=WAKEUP, window=0.005):
         self.path = path
         self.request = request
         self.window = window
-        self._lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
         self._last = -window
-        self._pending = False
+        self._due = None            # monotonic time of the pending send
+        self._thread = None
 
     def send(self):
-        with self._lock:
-            if self._pending:
+        with self._cond:
+            if self._due is not None:
                 return
-            wait = self._last + self.window - time.monotonic()
+            now = time.monotonic()
+            wait = self._last + self.window - now
             if wait > 0:
-                self._pending = True
-                timer = threading.Timer(wait, self._fire)
-                timer.start()
+                self._due = now + wait
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, daemon=True,
+                                                    name="trigger")
+                    self._thread.start()
+                    atexit.register(self.flush)
+                else:
+                    self._cond.notify()
                 return
+            self._last = now
+        send_trigger(self.path, self.request)
+
+    def flush(self):
+        """Make the pending send now, if there is one."""
+        with self._cond:
+            if self._due is None:
+                return
+            self._due = None
             self._last = time.monotonic()
         send_trigger(self.path, self.request)
 
-    def _fire(self):
-        with self._lock:
-            self._pending = False
-            self._last = time.monotonic()
-        send_trigger(self.path, self.request)
+    def _run(self):
+        while True:
+            with self._cond:
+                while self._due is None:
+                    self._cond.wait()
+                wait = self._due - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                self._due = None
+                self._last = time.monotonic()
+            send_trigger(self.path, self.request)

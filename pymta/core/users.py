@@ -580,10 +580,22 @@ class UsersDB:
         self._lock = threading.Lock()
         self._key: tuple[int, int, int, int] | None = None
         self._users: UsersFile | None = None
+        self._cached: tuple | None = None     # (key, users), read without the lock
         self._dummy: str | None = None
         self.reloads = 0
 
     def current(self) -> UsersFile:
+        # Fast path, one lstat: the file is unchanged.  A symlink put in its
+        # place has another inode, so it takes the slow path, which refuses it.
+        cached = self._cached
+        if cached is not None:
+            try:
+                st = os.lstat(self.path)
+            except OSError:
+                pass                    # the slow path says why
+            else:
+                if (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev) == cached[0]:
+                    return cached[1]
         fd = _open_read(self.path)
         try:
             st = os.fstat(fd)
@@ -594,6 +606,7 @@ class UsersDB:
                 data, st = _read_fd(fd, self.path)
                 users = parse_users(data, self.path)
                 self._users, self._key = users, key
+                self._cached = (key, users)
                 self._dummy = None
                 self.reloads += 1
             if self.on_load is not None:

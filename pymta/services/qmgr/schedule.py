@@ -66,7 +66,8 @@ TRANSPORT_ERROR = "unknown mail transport error"
 class Message:
     """A message in the active queue."""
 
-    __slots__ = ("qid", "qf", "source", "active_time", "jobs_left", "deferred", "old_log")
+    __slots__ = ("qid", "qf", "source", "active_time", "jobs_left", "deferred", "old_log",
+                 "logs")
 
     def __init__(self, qf, source, active_time):
         self.qid = qf.queue_id
@@ -78,6 +79,10 @@ class Message:
         # The defer log may hold reasons of an earlier attempt: it goes
         # before this attempt writes its first reason (or with the message).
         self.old_log = source != "incoming"
+        # Defer or bounce logs may exist: a message from incoming/ has had
+        # no attempt before this one (postsuper -r requeues under a new
+        # id), so its removal need not try to unlink logs it never had.
+        self.logs = source != "incoming"
 
 
 class Job:
@@ -485,6 +490,7 @@ class Scheduler:
     def record_bounce(self, msg, rcpt, dsn, reason, relay="none"):
         """Bounce log first (fsynced), then the done mark: a crash between
         the two retries the recipient, it never loses the bounce."""
+        msg.logs = True
         try:
             self.queue.append_log("bounce", msg.qid, rcpt.address, dsn, "bounced", reason,
                                   self._extra(rcpt, relay))
@@ -496,6 +502,7 @@ class Scheduler:
 
     def record_defer(self, msg, rcpt, dsn, reason, relay="none"):
         msg.deferred[rcpt.index] = (dsn, reason)
+        msg.logs = True
         try:
             if msg.old_log:
                 msg.old_log = False
@@ -571,15 +578,15 @@ class Scheduler:
             # Should qmgr die before, the file is found in active/ with
             # every recipient done and removed then.
             if self.reaper is not None:
-                self.reaper.submit(self.remove, qid, qf)
+                self.reaper.submit(self.remove, qid, qf, msg.logs)
             else:
-                self.remove(qid, qf)
+                self.remove(qid, qf, msg.logs)
         self.wake()
 
-    def remove(self, qid, qf):
+    def remove(self, qid, qf, logs=True):
         """Remove a finished message (in the reaper thread)."""
         try:
-            self.queue.remove("active", qid)
+            self.queue.remove("active", qid, logs=logs)
         except FileNotFoundError:
             log.verbose(f"{qid}: left the active queue while being delivered")
         except OSError as e:
