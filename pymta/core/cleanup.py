@@ -357,6 +357,19 @@ def _temp_lookup_failure(what, err):
     return TempFail("4.3.0", "Temporary lookup failure")
 
 
+class Job:
+    """A message prepared by Cleanup.prepare: its open queue file writer
+    and what finish() logs."""
+
+    __slots__ = ("writer", "origin", "sender", "message_id")
+
+    def __init__(self, writer, origin, sender, message_id):
+        self.writer = writer
+        self.origin = origin
+        self.sender = sender
+        self.message_id = message_id
+
+
 class Cleanup:
     """See the module docstring.  Thread-safe: one instance may serve
     concurrent submissions (tables lock themselves; the queue is only
@@ -623,6 +636,10 @@ class Cleanup:
                local_submission=False, arrival_time=None):
         """Queue a message; return its queue id once it is on disk.
 
+        prepare(), then commit(), then finish(): smtpd calls the three
+        itself, so that only commit() (the writes and fsyncs) runs in a
+        worker thread and the Python work stays in the event loop's thread.
+
         sender: the envelope sender ("" or "<>": the null sender);
         recipients: addresses (str) or objects with address, notify and
         orcpt; content: the message (bytes, CRLF or LF line endings);
@@ -631,6 +648,17 @@ class Cleanup:
         local_submission: add missing Date, Message-Id and From;
         arrival_time: when the message arrived, if earlier than now (pickup
         keeps the time sendmail wrote a maildrop file)."""
+        job = self.prepare(sender, recipients, content, origin, attrs,
+                           local_submission, arrival_time)
+        qid = self.commit(job)
+        self.finish(job)
+        return qid
+
+    def prepare(self, sender, recipients, content, origin=None, attrs=None,
+                local_submission=False, arrival_time=None):
+        """Check and build a message (the arguments of submit) and create
+        its queue file, not yet committed: returns a Job for commit() and
+        finish().  PermFail or TempFail as submit; the file is then gone."""
         cfg = self.cfg
         recipients = list(recipients)
         origin = origin if origin is not None else Origin()
@@ -662,7 +690,7 @@ class Cleanup:
             writer = self.queue.create("incoming", arrival_time)
         except OSError as e:
             raise self._write_error(e) from None
-        with writer:
+        try:
             qid = writer.queue_id
             now = writer.arrival_time
             received = self._received(qid, origin, rcpt_for, now)
@@ -673,38 +701,56 @@ class Cleanup:
                 i = hb.find(b"message-id")
                 message_id = hb.value(data, i) if i >= 0 else ""
             end = hb.end
-            try:
-                writer.write_content(received.encode("utf-8", "surrogateescape"))
-                if added:
-                    writer.write_content(data[:end])
-                    if end and data[end - 1] != 10:
-                        writer.write_content(b"\n")
-                    writer.write_content(added.encode("utf-8", "surrogateescape"))
-                    if end < len(data):
-                        if not hb.separator:
-                            writer.write_content(b"\n")
-                        writer.write_content(data[end:])
-                elif hb.separator or end == len(data):
-                    writer.write_content(data)
-                else:
-                    writer.write_content(data[:end])
+            writer.write_content(received.encode("utf-8", "surrogateescape"))
+            if added:
+                writer.write_content(data[:end])
+                if end and data[end - 1] != 10:
                     writer.write_content(b"\n")
+                writer.write_content(added.encode("utf-8", "surrogateescape"))
+                if end < len(data):
+                    if not hb.separator:
+                        writer.write_content(b"\n")
                     writer.write_content(data[end:])
-                writer.set_sender(env_sender)
-                for name, value in attrs.items():
-                    writer.set_attr(name, value)
-                self._origin_attrs(writer, origin)
-                for final, orig, notify, orcpt in rcpts:
-                    writer.add_recipient(final, orig=orig, notify=notify, orcpt=orcpt)
-                writer.commit()
-            except ValueError as e:
-                raise PermFail("5.5.4", f"invalid envelope: {e}") from None
-            except OSError as e:
-                raise self._write_error(e) from None
-        self._log(qid, origin, sender, message_id)
+            elif hb.separator or end == len(data):
+                writer.write_content(data)
+            else:
+                writer.write_content(data[:end])
+                writer.write_content(b"\n")
+                writer.write_content(data[end:])
+            writer.set_sender(env_sender)
+            for name, value in attrs.items():
+                writer.set_attr(name, value)
+            self._origin_attrs(writer, origin)
+            for final, orig, notify, orcpt in rcpts:
+                writer.add_recipient(final, orig=orig, notify=notify, orcpt=orcpt)
+            writer.seal()
+        except ValueError as e:
+            writer.abort()
+            raise PermFail("5.5.4", f"invalid envelope: {e}") from None
+        except OSError as e:
+            writer.abort()
+            raise self._write_error(e) from None
+        except BaseException:
+            writer.abort()
+            raise
+        return Job(writer, origin, sender, message_id)
+
+    def commit(self, job):
+        """Put a prepared message on disk (writes, fsyncs, the rename):
+        when this returns it is queued.  Little Python: smtpd runs it in a
+        worker thread.  TempFail on a write error (the file is gone)."""
+        try:
+            return job.writer.commit()
+        except OSError as e:
+            raise self._write_error(e) from None
+        finally:
+            job.writer.abort()      # no-op once committed
+
+    def finish(self, job):
+        """After commit: the log lines and qmgr's trigger."""
+        self._log(job.writer.queue_id, job.origin, job.sender, job.message_id)
         if self.trigger:
             self._kick.send()
-        return qid
 
     def _origin_attrs(self, writer, origin):
         if origin.is_local:

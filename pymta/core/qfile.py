@@ -140,6 +140,7 @@ class QueueFileWriter:
         self._size = 0
         self._spilled = False
         self._state = "open"
+        self._sealed = None
 
     # -- envelope -------------------------------------------------------------
 
@@ -237,6 +238,21 @@ class QueueFileWriter:
             raise ValueError(f"envelope larger than {self._limits['envelope']} bytes")
         return envelope
 
+    def seal(self):
+        """Build the bytes commit() writes (content not yet written and
+        the envelope): after this no more content or records.  commit()
+        seals when it was not done, so calling it is optional; it moves
+        the Python work out of commit (smtpd commits in a worker thread).
+        ValueError for an incomplete envelope."""
+        self._check_open()
+        envelope = self._envelope()
+        if self._spilled:
+            self._sealed = b"".join(self._chunks) + envelope
+        else:
+            self._sealed = b"".join([_header(self._size)] + self._chunks + [envelope])
+        self._chunks = []
+        self._state = "sealed"
+
     def commit(self):
         """Write everything, fsync, rename into place, fsync the directory.
 
@@ -247,15 +263,15 @@ class QueueFileWriter:
         perhaps not durable: the error is raised all the same, so the
         caller does not acknowledge (the client's retry may then make a
         duplicate, never a loss)."""
-        self._check_open()
+        if self._state != "sealed":
+            self._check_open()
         try:
-            envelope = self._envelope()
+            if self._sealed is None:
+                self.seal()
+            data, self._sealed = self._sealed, None
+            write_all(self._fd, data)
             if self._spilled:
-                write_all(self._fd, b"".join(self._chunks) + envelope)
                 pwrite_all(self._fd, _header(self._size), 0)
-            else:
-                write_all(self._fd, b"".join([_header(self._size)] + self._chunks + [envelope]))
-            self._chunks = []
             os.fsync(self._fd)
             os.rename(self._tmp, self.path)
         except BaseException:
@@ -270,10 +286,11 @@ class QueueFileWriter:
 
     def abort(self):
         """Throw the message away (no effect after commit or abort)."""
-        if self._state != "open":
+        if self._state not in ("open", "sealed"):
             return
         self._state = "aborted"
         self._chunks = []
+        self._sealed = None
         try:
             os.close(self._fd)
         finally:
@@ -288,7 +305,7 @@ class QueueFileWriter:
         return False
 
     def __del__(self):
-        if getattr(self, "_state", None) == "open":
+        if getattr(self, "_state", None) in ("open", "sealed"):
             self.abort()
 
 

@@ -438,6 +438,31 @@ def test_commit_error_leaves_no_file(env, monkeypatch):
     assert env.all_files() == []
 
 
+def test_prepare_then_commit_in_a_thread(env):
+    """smtpd's split: prepare (checks, the file's bytes) leaves only a
+    temporary file; commit, in another thread, puts it in place; an
+    aborted job leaves nothing."""
+    import threading
+    c = env.cleanup()
+    job = c.prepare("a@example.org", ["b@example.org"], b"Subject: x\r\n\r\nbody\r\n", LOCAL)
+    qid = job.writer.queue_id
+    assert not env.queue.exists("incoming", qid)
+    with pytest.raises(ValueError):
+        job.writer.write_content(b"more")       # sealed: no more content
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("qid", c.commit(job)))
+    t.start()
+    t.join()
+    assert out["qid"] == qid
+    with env.queue.open("incoming", qid) as qf:
+        assert qf.read_content().endswith(b"Subject: x\n\nbody\n")
+        assert [r.address for r in qf.recipients] == ["b@example.org"]
+    c.finish(job)
+    other = c.prepare("a@example.org", ["b@example.org"], b"\n", LOCAL)
+    other.writer.abort()
+    assert env.all_files() == [env.queue.path("incoming", qid)]
+
+
 def test_qmgr_is_triggered(env):
     c = env.cleanup()
     public = os.path.join(env.cfg.run_directory, "public")

@@ -22,6 +22,7 @@ file); "250 2.0.0 Ok: queued as QID" is written only after it returned.
 
 import asyncio
 import dataclasses
+import functools
 import ssl
 
 from pymta.core import log, tls
@@ -393,9 +394,16 @@ class Session:
         local = local_header_rewrite(srv.cfg, srv.policy, req)
         await self.flush()
         self.pause()
+        cleanup = srv.cleanup
         try:
-            qid = await self.loop.run_in_executor(None, srv.cleanup.submit, ev.mail_from,
-                                                  rcpts, ev.data, origin, attrs, local)
+            # Checks and the queue file's bytes here; only the writes and
+            # fsyncs in a worker thread (less switching of the GIL).
+            job = cleanup.prepare(ev.mail_from, rcpts, ev.data, origin, attrs, local)
+            commit = self.loop.run_in_executor(None, cleanup.commit, job)
+            # finish (log lines, qmgr's trigger) also when this session is
+            # cancelled meanwhile: the commit goes on in its thread.
+            commit.add_done_callback(functools.partial(_committed, cleanup, job))
+            qid = await asyncio.shield(commit)
         except PermFail as err:
             code = 552 if err.dsn == "5.3.4" else 554 if err.dsn.startswith("5.4.") else 550
             self._reject_message(code, err.dsn, f"Error: {err.text}", ev)
@@ -632,3 +640,9 @@ def _message_attrs(params):
     if "SMTPUTF8" in params:
         attrs["smtputf8"] = "yes"
     return attrs
+
+
+def _committed(cleanup, job, commit):
+    """Done callback of a commit in the worker thread (see on_message)."""
+    if not commit.cancelled() and commit.exception() is None:
+        cleanup.finish(job)
