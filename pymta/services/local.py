@@ -209,7 +209,11 @@ class Privileges:
     def __init__(self, machine=None, force_fork=False):
         self.root = os.geteuid() == 0
         self.calls = None if force_fork else _SYSCALLS.get(machine or platform.machine())
-        self.libc = ctypes.CDLL(None, use_errno=True) if self.calls else None
+        # PyDLL keeps the GIL during the call: these system calls take
+        # microseconds, and releasing and taking the GIL back around each
+        # of the six per delivery cost more than they do when other threads
+        # wait for it (futex calls and context switches).
+        self.libc = ctypes.PyDLL(None, use_errno=True) if self.calls else None
         self.base_gid = os.getegid()
         self.base_groups = tuple(os.getgroups())
 
