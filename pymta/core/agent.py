@@ -178,7 +178,7 @@ def open_queue_file(queue, request):
     """Open the request's queue file read-only and check its recipient
     indexes.  AgentError (reply status=error) when that is not possible."""
     try:
-        qf = queue.open(request.queue_name, request.queue_id, readonly=True)
+        qf = queue.open(request.queue_name, request.queue_id, readonly=True, preload=True)
     except FileNotFoundError:
         raise AgentError(f"queue file {request.queue_name}/{request.queue_id} "
                          "not found") from None

@@ -309,6 +309,10 @@ class QueueFileWriter:
             self.abort()
 
 
+# Files up to this size are read in one pread when opened with preload.
+PRELOAD_MAX = 1 << 20
+
+
 def _header(size):
     return b"H" + MAGIC + b" %0*d\n" % (SIZE_WIDTH, size) + REC_CONTENT
 
@@ -320,7 +324,7 @@ class QueueFile:
     the fixed header and the envelope, never the content."""
 
     def __init__(self, fd, path, queue_id, st, stage=STAGE_QUEUE, readonly=False,
-                 max_content=None):
+                 max_content=None, preload=False):
         self.queue_id = queue_id
         self.path = path
         self.readonly = readonly
@@ -339,15 +343,16 @@ class QueueFile:
         self._offsets = []
         self._warn_offset = -1
         self._fd = fd
+        self._content = None
         try:
-            self._load(stage, max_content)
+            self._load(stage, max_content, preload)
         except BaseException:
             self._fd = -1           # the caller (from_fd) closes it
             raise
 
     @classmethod
     def from_fd(cls, fd, path, queue_id, stage=STAGE_QUEUE, readonly=False, max_content=None,
-                hostile=False):
+                hostile=False, preload=False):
         """Parse the queue file open on `fd` (which it then owns and closes
         on error).  Raises QueueFileError if it is not a valid file.
 
@@ -360,15 +365,18 @@ class QueueFile:
                 raise QueueFileError(f"{path}: not a regular file")
             if hostile and st.st_nlink != 1:
                 raise QueueFileError(f"{path}: has {st.st_nlink} links")
-            return cls(fd, path, queue_id, st, stage, readonly, max_content)
+            return cls(fd, path, queue_id, st, stage, readonly, max_content, preload)
         except BaseException:
             os.close(fd)
             raise
 
     @classmethod
-    def open_path(cls, path, queue_id, readonly=False):
+    def open_path(cls, path, queue_id, readonly=False, preload=False):
         """Open and parse the queue file at `path` (no symlinks followed).
 
+        `preload`: the caller will read the content (a delivery agent): a
+        file of up to PRELOAD_MAX bytes is read in one pread and
+        read_content() returns its part of it.
         FileNotFoundError if it is gone, QueueFileError if it is damaged."""
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -377,18 +385,25 @@ class QueueFile:
             if e.errno == errno.ELOOP:
                 raise QueueFileError(f"{path}: is a symbolic link") from e
             raise
-        return cls.from_fd(fd, path, queue_id, STAGE_QUEUE, readonly)
+        return cls.from_fd(fd, path, queue_id, STAGE_QUEUE, readonly, preload=preload)
 
     # -- parsing ----------------------------------------------------------------
 
     def _damaged(self, why):
         return QueueFileError(f"{self.path}: {why}")
 
-    def _load(self, stage, max_content):
+    def _load(self, stage, max_content, preload=False):
         fd = self._fd
         limits = STAGE_LIMITS[stage]
         size = self.file_size
-        head = pread_exact(fd, CONTENT_OFFSET, 0)
+        whole = None
+        if preload and size <= PRELOAD_MAX:
+            whole = pread_exact(fd, size, 0)
+            if len(whole) != size:
+                raise self._damaged("file shrank while being read")
+            head = whole[:CONTENT_OFFSET]
+        else:
+            head = pread_exact(fd, CONTENT_OFFSET, 0)
         m = _HEADER_RE.fullmatch(head)
         if m is None:
             raise self._damaged("bad header (not a pymta queue file)")
@@ -401,14 +416,19 @@ class QueueFile:
             raise self._damaged("truncated (no envelope after the content)")
         if env_len > limits["envelope"]:
             raise self._damaged(f"envelope larger than {limits['envelope']} bytes")
-        env = pread_exact(fd, env_len, env_start)
-        if len(env) != env_len:
-            raise self._damaged("file shrank while being read")
+        if whole is not None:
+            env = whole[env_start:]
+        else:
+            env = pread_exact(fd, env_len, env_start)
+            if len(env) != env_len:
+                raise self._damaged("file shrank while being read")
         if env[0:1] != b"\n":
             raise self._damaged("content not followed by a newline (size mismatch)")
         if not env.endswith(b"\nE\n"):
             raise self._damaged("no end record (truncated)")
         self._parse(env, env_start, stage, limits)
+        if whole is not None:
+            self._content = whole[CONTENT_OFFSET:env_start]
 
     def _parse(self, env, base, stage, limits):
         allowed = STAGE_RECORDS[stage]
@@ -538,6 +558,8 @@ class QueueFile:
 
     def read_content(self):
         """The whole message (LF line endings)."""
+        if self._content is not None:
+            return self._content
         data = pread_exact(self._need_fd(), self.content_size, self.content_offset)
         if len(data) != self.content_size:
             raise self._damaged("content truncated")
@@ -546,6 +568,10 @@ class QueueFile:
     def content_chunks(self, size=65536):
         """The message in pieces of at most `size` bytes."""
         fd = self._need_fd()
+        if self._content is not None:
+            for start in range(0, len(self._content), size):
+                yield self._content[start:start + size]
+            return
         off = self.content_offset
         end = off + self.content_size
         while off < end:

@@ -258,10 +258,12 @@ class Queue:
         return QueueFileWriter(fd, tmp, os.path.join(directory, qid), qid, now,
                                STAGE_QUEUE, self._sync_dir)
 
-    def open(self, queue_name, queue_id, readonly=False):
+    def open(self, queue_name, queue_id, readonly=False, preload=False):
         """Open and parse a queue file.  FileNotFoundError if it is not
-        there; QueueFileError if it is damaged (move it to corrupt/)."""
-        return QueueFile.open_path(self.path(queue_name, queue_id), queue_id, readonly)
+        there; QueueFileError if it is damaged (move it to corrupt/).
+        `preload`: see QueueFile.open_path."""
+        return QueueFile.open_path(self.path(queue_name, queue_id), queue_id, readonly,
+                                   preload)
 
     def move(self, queue_id, src, dst, sync=None):
         """Move a message from queue `src` to `dst`: one rename.

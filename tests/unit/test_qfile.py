@@ -144,6 +144,27 @@ def test_opening_reads_no_content(tmp_path, monkeypatch):
     assert sum(read) < 1000
 
 
+def test_preload_reads_a_small_file_once(tmp_path, monkeypatch):
+    """A delivery agent's open (preload): one pread for the whole file, and
+    the content comes from it; a file above PRELOAD_MAX is read as usual."""
+    from pymta.core.qfile import PRELOAD_MAX
+    path, qid = write_file(tmp_path)
+    read = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: read.append(n) or real_pread(fd, n, off))
+    with QueueFile.open_path(path, qid, readonly=True, preload=True) as f:
+        assert f.read_content() == MSG
+        assert b"".join(f.content_chunks(7)) == MSG
+        assert f.sender == "alice@example.org"
+    assert read == [os.path.getsize(path)]
+    big = b"z" * (PRELOAD_MAX + 1)
+    path, qid = write_file(tmp_path, content=big)
+    read.clear()
+    with QueueFile.open_path(path, qid, readonly=True, preload=True) as f:
+        assert f.read_content() == big
+    assert len(read) == 3 and max(read) == len(big)
+
+
 # -- updates in place ------------------------------------------------------------
 
 def test_mark_done_is_one_byte_in_place(tmp_path):
