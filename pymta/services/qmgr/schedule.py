@@ -560,7 +560,8 @@ class Scheduler:
                 self.record_bounce(msg, rcpt, dsn, reason)
             pending = qf.pending()
         keep = bool(pending)
-        if not self.send_bounces(msg):
+        # No bounce log can exist when msg.logs is false (see Message).
+        if msg.logs and not self.send_bounces(msg):
             keep = True
         del self.messages[qid]
         if keep:
