@@ -314,9 +314,23 @@ def extract_recipients(data, max_field=0):
     return addresses, data
 
 
+_last_date = (None, "")      # (whole second, its mail_date): one per second under load
+
+
 def mail_date(t):
     """An RFC 5322 date in local time with the zone name, as Postfix
     writes it: "Fri, 22 Nov 2024 10:00:00 +0100 (CET)"."""
+    global _last_date
+    second = int(t)
+    cached = _last_date
+    if cached[0] == second:
+        return cached[1]
+    text = _format_date(second)
+    _last_date = (second, text)
+    return text
+
+
+def _format_date(t):
     # Local imports: qmgr and pickup keep this module loaded while idle,
     # and datetime and the email package would stay in their memory.
     import datetime
