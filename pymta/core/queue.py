@@ -79,6 +79,7 @@ class Queue:
         self.directory = os.path.abspath(queue_directory)
         self.hash_depth = hash_depth
         self._dirfds = {}
+        self._dir_cache = {}
 
     # -- names ----------------------------------------------------------------
 
@@ -102,7 +103,16 @@ class Queue:
         "../x" never reach the file system."""
         if not valid_queue_id(queue_id):
             raise ValueError(f"not a queue id: {queue_id!r}")
-        return os.path.join(self.dir(queue_name, queue_id), queue_id)
+        # qmgr asks for a few paths of every message: the directory of each
+        # (queue, time prefix) is computed once (a prefix lasts a while).
+        key = (queue_name, queue_id[:PREFIX_WIDTH])
+        directory = self._dir_cache.get(key)
+        if directory is None:
+            directory = self.dir(queue_name, queue_id)
+            if len(self._dir_cache) >= 4096:
+                self._dir_cache.clear()
+            self._dir_cache[key] = directory
+        return directory + "/" + queue_id
 
     def _hash_dirs(self, name):
         """The deepest hashed subdirectories of `name` for the current depth
