@@ -65,6 +65,29 @@ _LOG_MAX = 64 * 1024 * 1024
 _LOG_FIXED = ("recipient", "dsn", "status", "reason")
 
 
+def _mkdir_placed(path, mode):
+    """mkdir `path` under a random name first, then rename it into place.
+
+    In a directory marked FS_TOPDIR_FL, ext4's Orlov allocator chooses the
+    block group of a new subdirectory from a hash of its *name*: every
+    spool's incoming/0 (and its defer/0 and bounce/0) would land in the
+    same group, and so would share the recently deleted inodes that make
+    creating files there slow (docs/queue.md, "Where the inodes go").  The
+    rename keeps the inode, and so the group the random name got.
+    FileExistsError when `path` exists (checked first: rename(2) would
+    replace an empty directory)."""
+    if os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "File exists", path)
+    parent = os.path.dirname(path)
+    tmp = os.path.join(parent, f".mkdir.{os.getpid()}.{os.urandom(4).hex()}")
+    os.mkdir(tmp, mode)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rmdir(tmp)
+        raise
+
+
 def _log_value(value):
     """A log value on one line: CR, LF and NUL become spaces."""
     return str(value).replace("\r", " ").replace("\n", " ").replace("\0", " ")
@@ -166,9 +189,12 @@ class Queue:
         uid = -1 if owner_uid is None else owner_uid
         gid = -1 if owner_gid is None else owner_gid
 
-        def make(path, mode):
+        def make(path, mode, placed=False):
             try:
-                os.mkdir(path, mode)
+                if placed:
+                    _mkdir_placed(path, mode)
+                else:
+                    os.mkdir(path, mode)
             except FileExistsError:
                 st = os.lstat(path)
                 if not stat.S_ISDIR(st.st_mode):
@@ -181,13 +207,14 @@ class Queue:
             # A queue_directory that exists keeps the mode the admin gave it.
             os.makedirs(self.directory, TOP_MODE, exist_ok=True)
             os.chmod(self.directory, TOP_MODE)
-        mark_top_directory(self.directory)
+        spread = mark_top_directory(self.directory)
         for name, mode in DIR_MODES.items():
-            make(os.path.join(self.directory, name), mode)
-            if name in SPREAD_NAMES:
-                mark_top_directory(os.path.join(self.directory, name))
+            make(os.path.join(self.directory, name), mode, spread)
+            sub_spread = name in SPREAD_NAMES and mark_top_directory(
+                os.path.join(self.directory, name))
             for d in self._all_levels(name):
-                make(d, 0o700)
+                make(d, 0o700, sub_spread and os.path.dirname(d) == os.path.join(
+                    self.directory, name))
         self._sync_dir(self.directory)
 
     def _all_levels(self, name):

@@ -539,3 +539,22 @@ def test_mark_top_directory_is_a_no_op_where_the_flag_does_not_exist():
         assert os.path.isdir(d)
     finally:
         os.rmdir(d)
+
+
+def test_create_dirs_places_directories_under_a_random_name_first(tmp_path):
+    """The spread directories are made as .mkdir.* and renamed: none of
+    those names is left, a second create_dirs changes nothing, and an
+    existing entry of the same name is never replaced."""
+    q = Queue(str(tmp_path / "spool"))
+    q.create_dirs()
+    q.create_dirs()
+    assert q.check_dirs() == []
+    leftovers = [p for p, _d, _f in os.walk(q.directory) if ".mkdir." in p]
+    assert leftovers == []
+    from pymta.core.queue import _mkdir_placed
+    target = tmp_path / "spool" / "incoming" / "0"
+    (target / "keep").write_text("x")
+    with pytest.raises(FileExistsError):
+        _mkdir_placed(str(target), 0o700)
+    assert (target / "keep").read_text() == "x"
+    assert not [n for n in os.listdir(target.parent) if n.startswith(".mkdir.")]
