@@ -1120,11 +1120,14 @@ class SMTPServer:
             content_end = n - hold
             check_end = n - 1 if buf[n - 1] == 13 else n
         if self.settings.forbid_bare_newline:
-            crlf = buf.count(b"\r\n", 0, check_end)
-            if buf.count(b"\n", 0, check_end) != crlf:
+            # What is left once every CRLF is gone must hold no CR or LF.
+            # (Three bytes.count passes cost four times this on 40 KiB:
+            # counting a single byte does not use memchr.)
+            rest = (buf if check_end == n else buf[:check_end]).replace(b"\r\n", b"")
+            if b"\n" in rest:
                 self._bare_newline("LF")
                 return False
-            if buf.count(b"\r", 0, check_end) != crlf:
+            if b"\r" in rest:
                 self._bare_newline("CR")
                 return False
         if content_end:
