@@ -116,7 +116,6 @@ def _write(path, text, mode):
 def init(directory, hostname, domain, listen, port_offset):
     """Create a new instance in DIRECTORY."""
     from pymta.core.queue import Queue
-    from pymta.core.safeio import mark_top_directory
     from pymta.core.tls import make_self_signed
 
     top = os.path.abspath(directory)
@@ -154,9 +153,6 @@ def init(directory, hostname, domain, listen, port_offset):
     for sub, mode in (("mail", 0o700), ("log", 0o755), ("run", 0o755)):
         os.makedirs(os.path.join(top, sub), mode=mode)
         os.chmod(os.path.join(top, sub), mode)
-    # Mailboxes of different domains in different block groups: see
-    # docs/queue.md "Where the inodes go".
-    mark_top_directory(os.path.join(top, "mail"))
     os.makedirs(os.path.join(top, "run", "public"), mode=0o711)
     os.makedirs(os.path.join(top, "run", "private"), mode=0o700)
     log_file = os.path.join(top, "log", "maillog")
