@@ -28,7 +28,7 @@ import tempfile
 import time
 import traceback
 
-from tests.bench import anchors, report
+from tests.bench import anchors, report, util
 from tests.bench.util import BenchError, run
 from tests.bench.workloads import WORKLOADS, Bench, Settings
 
@@ -121,6 +121,7 @@ def main(argv=None):
     os.makedirs(args.dir, exist_ok=True)
     top = tempfile.mkdtemp(prefix="pymta-bench-", dir=args.dir)
     os.chmod(top, 0o755)
+    util.set_trash(os.path.join(top, "trash"))
     def log(text):
         print(f"[{time.monotonic() - t_start:6.1f}s] {text}", flush=True)
 

@@ -84,6 +84,29 @@ def test_maildir_count_and_clear(tmp_path):
     assert maildir_count(str(tmp_path / "missing")) == 0
 
 
+def test_clear_maildir_moves_messages_to_the_trash_when_set(tmp_path):
+    """With a trash directory, clearing frees no inode: the messages are
+    renamed there, each clearing into a directory of its own."""
+    from tests.bench import util
+    md = tmp_path / "m"
+    for sub in ("new", "cur", "tmp"):
+        (md / sub).mkdir(parents=True)
+    (md / "new" / "1.a").write_bytes(b"x")
+    (md / "cur" / "2.b:2,S").write_bytes(b"y")
+    inode = os.stat(md / "new" / "1.a").st_ino
+    util.set_trash(str(tmp_path / "trash"))
+    try:
+        clear_maildir(str(md))
+        (md / "new" / "3.c").write_bytes(b"z")
+        clear_maildir(str(md))
+    finally:
+        util.set_trash(None)
+    assert maildir_count(str(md)) == 0
+    assert sorted(os.listdir(tmp_path / "trash" / "1")) == ["cur.2.b:2,S", "new.1.a"]
+    assert os.listdir(tmp_path / "trash" / "2") == ["new.3.c"]
+    assert os.stat(tmp_path / "trash" / "1" / "new.1.a").st_ino == inode
+
+
 def test_fsync_rate_leaves_nothing_behind(tmp_path):
     assert fsync_rate(str(tmp_path), count=5) > 0
     assert os.listdir(tmp_path) == []

@@ -5,6 +5,7 @@ Everything here reads /proc or the file system; nothing kills or signals
 a process (stopping is the business of each system's own stop command).
 """
 
+import errno
 import os
 import random
 import shlex
@@ -179,8 +180,30 @@ def maildir_count(maildir):
     return n
 
 
+# Where clear_maildir puts messages (set_trash): a directory on the same
+# file system, removed with the run's directory at the end.
+_trash = {"dir": None, "count": 0}
+
+
+def set_trash(directory):
+    """Have clear_maildir move messages into `directory` instead of
+    deleting them.  Why: on ext4 without a journal (the benchmark machines)
+    allocating an inode scans every inode of its block group deleted in the
+    last 60-360 s, so deleting a run's 5,000 messages made the *next* run's
+    deliveries, Postfix's or pymta's, pay for the harness's cleanup
+    (docs/benchmarks.md).  Renames free no inode; the run's directory is
+    removed once, after the last measurement."""
+    _trash["dir"] = directory
+
+
 def clear_maildir(maildir):
-    """Remove the messages of a Maildir (new/ and cur/), keep the folders."""
+    """Take the messages out of a Maildir (new/, cur/, tmp/), keep the
+    folders: moved into the trash directory when one is set, else deleted."""
+    trash = None
+    if _trash["dir"] is not None:
+        _trash["count"] += 1
+        trash = os.path.join(_trash["dir"], str(_trash["count"]))
+        os.makedirs(trash, exist_ok=True)
     for sub in ("new", "cur", "tmp"):
         d = os.path.join(maildir, sub)
         try:
@@ -188,8 +211,16 @@ def clear_maildir(maildir):
         except FileNotFoundError:
             continue
         for name in names:
+            path = os.path.join(d, name)
             try:
-                os.unlink(os.path.join(d, name))
+                if trash is not None:
+                    try:
+                        os.rename(path, os.path.join(trash, f"{sub}.{name}"))
+                        continue
+                    except OSError as e:
+                        if e.errno != errno.EXDEV:
+                            raise
+                os.unlink(path)
             except (FileNotFoundError, IsADirectoryError):
                 continue
 
