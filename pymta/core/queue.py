@@ -19,7 +19,9 @@ the state table in docs/queue.md.
 
 Queue files are named by their queue id and are complete by construction:
 they are written under a temporary name that starts with a dot and renamed
-into place once fsynced.  Scans list only names that are valid queue ids.
+into place once every byte is written, then fsynced (one fsync for the file
+and its directory entry: QueueFileWriter.commit, docs/queue.md).  Scans
+list only names that are valid queue ids.
 """
 
 import errno
@@ -293,7 +295,7 @@ class Queue:
             unlink_quiet(tmp)
             raise
         return QueueFileWriter(fd, tmp, os.path.join(directory, qid), qid, now,
-                               STAGE_QUEUE, self._sync_dir)
+                               STAGE_QUEUE, rename_first=True)
 
     def open(self, queue_name, queue_id, readonly=False, preload=False):
         """Open and parse a queue file.  FileNotFoundError if it is not

@@ -98,19 +98,50 @@ def test_create_commit_open(queue):
         assert abs(f.arrival_time - time.time()) < 60
 
 
-def test_commit_syscalls(queue, monkeypatch):
-    """One file fsync and one directory fsync; the rename comes between."""
+def _record_calls(monkeypatch):
     calls = []
     for name in ("fsync", "rename", "write"):
         real = getattr(os, name)
         monkeypatch.setattr(os, name, (lambda n, r: lambda *a: calls.append(n) or r(*a))(name, real))
+    return calls
+
+
+def test_commit_syscalls(queue, monkeypatch):
+    """Every byte written, then the rename, then one fsync of the file
+    (which also makes the entry durable on Linux file systems)."""
+    calls = _record_calls(monkeypatch)
     w = queue.create()
     w.set_sender("a@b")
     w.add_recipient("c@d")
     w.write_content(MSG)
     calls.clear()
     w.commit()
-    assert calls == ["write", "fsync", "rename", "fsync"]
+    assert calls == ["write", "rename", "fsync"]
+
+
+def test_maildrop_commit_syncs_the_directory(queue, monkeypatch):
+    """write_maildrop keeps the portable order: fsync, rename, directory fsync."""
+    calls = _record_calls(monkeypatch)
+    queue.write_maildrop("a@b", ["c@d"], MSG)
+    assert calls[-3:] == ["fsync", "rename", "fsync"]
+
+
+def test_failed_fsync_after_rename_removes_the_file(queue, monkeypatch):
+    """Not acknowledged, not queued: an fsync error leaves no file behind."""
+    w = queue.create()
+    w.set_sender("a@b")
+    w.add_recipient("c@d")
+    w.write_content(MSG)
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError):
+        w.commit()
+    monkeypatch.undo()
+    assert list(queue.scan("incoming")) == []
+    hashed = os.path.join(queue.directory, "incoming")
+    assert all(os.listdir(os.path.join(hashed, d)) == [] for d in HASH_CHARS)
 
 
 def test_uncommitted_file_is_invisible(queue):

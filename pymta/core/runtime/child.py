@@ -408,11 +408,24 @@ def serve(ctx, handler, *, main=None, long_running=False, ssl_context=None,
     (qmgr, pickup) ignore max_use and max_idle.  `ssl_context` makes every
     accepted connection implicit TLS (submissions, pop3s, imaps)."""
     server = _Server(ctx, handler, long_running, ssl_context, on_trigger)
+    profile_dir = os.environ.get("PYMTA_PROFILE")
+    profiler = None
+    if profile_dir:
+        # A developer's aid (docs/benchmarks.md): cProfile of the event
+        # loop's thread, written when the process leaves.  The variable
+        # reaches the children only through import_environment.
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         with asyncio.Runner(loop_factory=_loop_factory(long_running)) as runner:
             runner.run(server.run(main))
     except KeyboardInterrupt:
         return 0
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"{ctx.program}.{os.getpid()}.prof"))
     return 0
 
 

@@ -1,0 +1,195 @@
+"""Per-process CPU of one W1-like run: where pymta spends its CPU per message.
+
+    .venv/bin/python -m tests.bench.percpu [-m 2000] [-l 4096] [--keep]
+
+Makes a fresh instance (`pymta init` under a new directory marked +T, so
+its files land in fresh ext4 block groups: deleted inodes of earlier runs
+slow inode allocation on file systems without a journal), starts it, sends
+one warm-up message, then `smtp-source -s 20 -m N -l SIZE`, waits until all
+N are in the Maildir, and prints for each child of the master its user and
+system CPU per message (from /proc/PID/stat before and after) and the
+run's messages per second.  A developer's tool, not part of `make bench`.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from tests.bench.anchors import Postfix
+from tests.bench.pymta_side import Pymta
+from tests.bench.util import (
+    CLK_TCK, free_offset, free_port, maildir_count, proc_title, process_tree, wait_for,
+)
+from tests.bench.workloads import smtp_source_args
+
+
+def cpu_by_pid(root):
+    out = {}
+    for pid in process_tree(root):
+        if os.environ.get("PERCPU_THREADS"):
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                tids = []
+            for tid in tids:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        raw = f.read()
+                except OSError:
+                    continue
+                name = raw[raw.index("(") + 1:raw.rindex(")")]
+                fields = raw.rsplit(")", 1)[1].split()
+                out[f"{pid}/{tid} {name}"] = (int(fields[11]) / CLK_TCK,
+                                              int(fields[12]) / CLK_TCK)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK)
+        if pid == root:
+            # children that exited (Postfix's processes come and go)
+            out["exited children"] = (int(fields[13]) / CLK_TCK, int(fields[14]) / CLK_TCK)
+    return out
+
+
+def system_counters():
+    """(context switches, idle seconds) of the whole machine (/proc/stat)."""
+    ctxt = idle = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("ctxt "):
+                ctxt = int(line.split()[1])
+            elif line.startswith("cpu "):
+                idle = (int(line.split()[4]) + int(line.split()[5])) / CLK_TCK
+    return ctxt, idle
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-m", type=int, default=2000, help="messages (default 2000)")
+    ap.add_argument("-l", type=int, default=4096, help="message size (default 4096)")
+    ap.add_argument("-s", type=int, default=20, help="sessions (default 20)")
+    ap.add_argument("--remove", action="store_true",
+                    help="remove the instance directory at the end (by default it is kept:"
+                         " deleting thousands of files slows the next run's inode"
+                         " allocation for minutes)")
+    ap.add_argument("--spy", metavar="PROGRAM",
+                    help="record the child whose title has PROGRAM with py-spy (PYSPY=path)"
+                         " into /tmp/percpu-PROGRAM.txt (collapsed stacks)")
+    ap.add_argument("--strace", action="store_true",
+                    help="count the system calls of each child of the master (strace -c -f)"
+                         " into /tmp/percpu-strace-PROGRAM.txt")
+    ap.add_argument("--postfix", action="store_true",
+                    help="measure a private Postfix instance (tests/bench/anchors.py) instead")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile each pymta service's event loop thread (PYMTA_PROFILE)"
+                         " into DIR/profile/PROGRAM.PID.prof")
+    ap.add_argument("-o", dest="settings", action="append", default=[],
+                    help="name=value for pymta's main.cf (postconf -e), repeatable")
+    ap.add_argument("--perf", action="store_true",
+                    help="perf record -g the children of the master into /tmp/percpu-perf.data")
+    args = ap.parse_args(argv)
+    parent = tempfile.mkdtemp(prefix="pymta-percpu-")
+    os.chmod(parent, 0o755)
+    subprocess.run(["chattr", "+T", parent], check=False)
+    top = os.path.join(parent, "i")
+    if args.postfix:
+        side = Postfix(top, free_port(), free_port())
+        side.setup()
+    else:
+        side = Pymta(top, free_offset([2525, 2110, 2143, 2587, 2465, 2995, 2993]))
+        side.setup()
+        side.available()
+        if args.settings:
+            subprocess.run(side.command("postconf") + ["-e", *args.settings], check=True)
+        if args.profile:
+            prof = os.path.join(parent, "profile")
+            os.makedirs(prof, mode=0o777)
+            os.chmod(prof, 0o777)
+            os.environ["PYMTA_PROFILE"] = prof
+            subprocess.run(side.command("postconf") + [
+                "-e", "import_environment=MAIL_CONFIG TZ LANG=C PATH=/usr/bin:/bin PYMTA_PROFILE"],
+                check=True)
+    side.start()
+    try:
+        p = subprocess.run([str(a) for a in smtp_source_args(side.smtp_port, 1, args.l, 1)],
+                           capture_output=True)
+        if p.returncode:
+            sys.exit(f"probe failed: {p.stderr.decode(errors='replace')}")
+        wait_for(lambda: maildir_count(side.maildir) >= 1, 30, what="probe delivery")
+        root = side.master_pid()
+        before = cpu_by_pid(root)
+        spy = None
+        if args.spy:
+            target = next(pid for pid in before if f"{args.spy} -n" in proc_title(pid))
+            spy = subprocess.Popen([os.environ.get("PYSPY", "py-spy"), "record", "-r", "500",
+                                    "--threads", "--nonblocking", "-f", "raw", "-o", f"/tmp/percpu-{args.spy}.txt",
+                                    "-p", str(target)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            time.sleep(1)
+        tracers = []
+        if args.perf:
+            targets = ",".join(str(pid) for pid in before if " -n " in proc_title(pid))
+            tracers.append(subprocess.Popen(
+                ["perf", "record", "-e", "cpu-clock", "-g", "-o", "/tmp/percpu-perf.data",
+                 "-p", targets], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1)
+        if args.strace:
+            for pid in before:
+                title = proc_title(pid)
+                if " -n " not in title:
+                    continue
+                name = title.split(":", 1)[-1].split()[0]
+                tracers.append(subprocess.Popen(
+                    ["strace"] + (["-f", "-tt", "-T"] if os.environ.get("PERCPU_TIMELINE")
+                                  else ["-c", "-f"]) + ["-o", f"/tmp/percpu-strace-{name}.txt", "-p", str(pid)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1)
+        ctxt0, idle0 = system_counters()
+        t0 = time.monotonic()
+        src = subprocess.run([str(a) for a in smtp_source_args(side.smtp_port, args.m, args.l, args.s)],
+                             capture_output=True)
+        t_src = time.monotonic() - t0
+        wait_for(lambda: maildir_count(side.maildir) >= args.m + 1, 600, interval=0.01,
+                 what="delivery")
+        t_all = time.monotonic() - t0
+        after = cpu_by_pid(root)
+        ctxt1, idle1 = system_counters()
+        for p in ([spy] if spy is not None else []) + tracers:
+            p.send_signal(2)
+            p.wait(30)
+        if src.returncode:
+            print("smtp-source:", src.stderr.decode(errors="replace"), file=sys.stderr)
+        n = args.m
+        print(f"{n} x {args.l} B: smtp-source {t_src:.2f} s, all delivered {t_all:.2f} s "
+              f"= {n / t_all:.0f} msg/s; {(ctxt1 - ctxt0) / n:.0f} context switches/msg, "
+              f"machine idle+iowait {(idle1 - idle0) / t_all / os.cpu_count():.0%}")
+        total_u = total_s = 0.0
+        for pid, (u1, s1) in sorted(after.items(), key=str):
+            u0, s0 = before.get(pid, (0.0, 0.0))
+            du, ds = u1 - u0, s1 - s0
+            if du + ds < 0.005:
+                continue
+            total_u += du
+            total_s += ds
+            title = pid if isinstance(pid, str) else proc_title(pid)
+            print(f"  {title[:48]:48} user {du * 1000 / n:5.2f}"
+                  f"  sys {ds * 1000 / n:5.2f}  ms/msg")
+        print(f"  {'total':48} user {total_u * 1000 / n:5.2f}  sys {total_s * 1000 / n:5.2f}"
+              f"  = {(total_u + total_s) * 1000 / n:.2f} ms/msg")
+    finally:
+        side.stop()
+        if args.remove:
+            shutil.rmtree(parent, ignore_errors=True)
+        else:
+            print("kept", parent, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
