@@ -760,6 +760,23 @@ class Cleanup:
         finally:
             job.writer.abort()      # no-op once committed
 
+    def place(self, job):
+        """commit, first half (smtpd, in its event loop's thread): the
+        writes and the rename, page cache only.  TempFail on a write error
+        (the file is gone).  Not queued until sync() returns."""
+        try:
+            job.writer.place()      # removes the file itself on any error
+        except OSError as e:
+            raise self._write_error(e) from None
+
+    def sync(self, job):
+        """commit, second half (in a worker thread): the one fsync; when it
+        returns the message is queued (its id is returned)."""
+        try:
+            return job.writer.sync()
+        except OSError as e:
+            raise self._write_error(e) from None
+
     def finish(self, job):
         """After commit: the log lines and qmgr's trigger."""
         self._log(job.writer.queue_id, job.origin, job.sender, job.message_id)

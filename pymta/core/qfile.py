@@ -260,40 +260,30 @@ class QueueFileWriter:
         Two orders, both complete by construction (every byte is written
         before the rename, so no reader ever sees a partial file):
           - default: fsync, rename, fsync of the directory (sync_dir);
-          - rename_first (Queue.create): rename, then one fsync of the file,
-            which on Linux's ext4 (with or without journal), XFS and btrfs
-            also makes the new directory entry durable, as Postfix relies
-            on; one device flush per message instead of two (docs/queue.md
-            "One fsync per message").
+          - rename_first (Queue.create): `place()` (writes, rename), then
+            `sync()` (one fsync of the file, which on Linux's ext4 with or
+            without journal, XFS and btrfs also makes the new directory
+            entry durable, as Postfix relies on): one device flush per
+            message instead of two (docs/queue.md "One fsync per message").
+            smtpd calls the two halves itself: place() in its event loop's
+            thread, only sync() in a worker.
         When this returns the message is on disk.  On an error the file is
         removed (under either name) and the error is raised: the message
         is not queued.  If only the final directory fsync fails (default
         order), the file is in place but perhaps not durable: the error is
         raised all the same, so the caller does not acknowledge (the
         client's retry may then make a duplicate, never a loss)."""
+        if self._rename_first:
+            self.place()
+            return self.sync()
         if self._state != "sealed":
             self._check_open()
-        renamed = False
         try:
-            if self._sealed is None:
-                self.seal()
-            data, self._sealed = self._sealed, None
-            write_all(self._fd, data)
-            if self._spilled:
-                pwrite_all(self._fd, _header(self._size), 0)
-            if self._rename_first:
-                os.rename(self._tmp, self.path)
-                renamed = True
-                os.fsync(self._fd)
-            else:
-                os.fsync(self._fd)
-                os.rename(self._tmp, self.path)
+            self._write_out()
+            os.fsync(self._fd)
+            os.rename(self._tmp, self.path)
         except BaseException:
             self.abort()
-            if renamed:
-                # Not acknowledged: take it back (if qmgr already moved it,
-                # it is delivered: a duplicate of the client's retry at worst).
-                unlink_quiet(self.path)
             raise
         self._state = "committed"
         os.close(self._fd)
@@ -302,10 +292,53 @@ class QueueFileWriter:
             self._sync_dir(os.path.dirname(self.path))
         return self.queue_id
 
+    def _write_out(self):
+        if self._sealed is None:
+            self.seal()
+        data, self._sealed = self._sealed, None
+        write_all(self._fd, data)
+        if self._spilled:
+            pwrite_all(self._fd, _header(self._size), 0)
+
+    def place(self):
+        """rename_first, first half: write every byte, then rename the file
+        to its queue id.  Not durable yet, and not to be acknowledged
+        before sync(); readers may see it (complete).  On an error the
+        temporary file is removed and the error raised."""
+        if not self._rename_first:
+            raise ValueError("place() is for writers made with rename_first")
+        if self._state != "sealed":
+            self._check_open()
+        try:
+            self._write_out()
+            os.rename(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "placed"
+
+    def sync(self):
+        """rename_first, second half: fsync the placed file and close it;
+        returns the queue id.  On an error the file is removed (if qmgr has
+        taken it meanwhile it is delivered: a duplicate of the client's
+        retry at worst) and the error raised: do not acknowledge."""
+        if self._state != "placed":
+            raise ValueError(f"sync() of a queue file that is {self._state}, not placed")
+        try:
+            os.fsync(self._fd)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        os.close(self._fd)
+        self._fd = -1
+        return self.queue_id
+
     def abort(self):
         """Throw the message away (no effect after commit or abort)."""
-        if self._state not in ("open", "sealed"):
+        if self._state not in ("open", "sealed", "placed"):
             return
+        placed = self._state == "placed"
         self._state = "aborted"
         self._chunks = []
         self._sealed = None
@@ -313,7 +346,7 @@ class QueueFileWriter:
             os.close(self._fd)
         finally:
             self._fd = -1
-            unlink_quiet(self._tmp)
+            unlink_quiet(self.path if placed else self._tmp)
 
     def __enter__(self):
         return self
@@ -323,7 +356,7 @@ class QueueFileWriter:
         return False
 
     def __del__(self):
-        if getattr(self, "_state", None) in ("open", "sealed"):
+        if getattr(self, "_state", None) in ("open", "sealed", "placed"):
             self.abort()
 
 

@@ -589,3 +589,32 @@ def test_create_dirs_places_directories_under_a_random_name_first(tmp_path):
         _mkdir_placed(str(target), 0o700)
     assert (target / "keep").read_text() == "x"
     assert not [n for n in os.listdir(target.parent) if n.startswith(".mkdir.")]
+
+
+def test_place_then_sync(queue, monkeypatch):
+    """smtpd's halves of a commit: place() writes and renames (visible,
+    complete), sync() is the one fsync; an abort in between removes it."""
+    calls = _record_calls(monkeypatch)
+    w = queue.create()
+    w.set_sender("a@b")
+    w.add_recipient("c@d")
+    w.write_content(MSG)
+    calls.clear()
+    w.place()
+    assert calls == ["write", "rename"]
+    assert list(queue.scan("incoming")) == [w.queue_id]
+    assert queue.open("incoming", w.queue_id).read_content() == MSG
+    assert w.sync() == w.queue_id
+    assert calls == ["write", "rename", "fsync"]
+    w.abort()                                   # no effect once committed
+    assert list(queue.scan("incoming")) == [w.queue_id]
+
+    w2 = queue.create()
+    w2.set_sender("a@b")
+    w2.add_recipient("c@d")
+    w2.write_content(MSG)
+    w2.place()
+    w2.abort()
+    assert list(queue.scan("incoming")) == [w.queue_id]
+    with pytest.raises(ValueError):
+        w2.sync()
