@@ -195,11 +195,31 @@ def _strip_blanks(text):
     return "".join(out)
 
 
+# The common shapes of a header address, `Name <a@b>` and `a@b` alone,
+# with nothing the full scanner treats specially: address_spans answers
+# them without walking the text a character at a time.
+_SPECIALS = r'"(),:;<>\[\]\\'
+_SIMPLE_ANGLE_RE = re.compile(rf"[^{_SPECIALS}]*<(?P<addr>[^{_SPECIALS}\s]*)>\s*")
+_SIMPLE_PLAIN_RE = re.compile(rf"\s*(?P<addr>[^{_SPECIALS}\s]+)\s*")
+
+
 def address_spans(text):
     """(address, start, end) for each address of an RFC 5322 address list
     (see parse_address_list); text[start:end] is the part of `text` the
     address was read from: what is between `<` and `>`, or the whole
     list item."""
+    m = _SIMPLE_ANGLE_RE.fullmatch(text)
+    if m is not None:
+        addr = m.group("addr")
+        return [(addr, m.start("addr"), m.end("addr"))] if addr else []
+    m = _SIMPLE_PLAIN_RE.fullmatch(text)
+    if m is not None:
+        return [(m.group("addr"), 0, len(text))]
+    return _address_spans_scan(text)
+
+
+def _address_spans_scan(text):
+    """address_spans for any text, one character at a time."""
     out = []
     plain, angle = [], None
     in_angle = False

@@ -11,6 +11,7 @@ except the ENOENT of cleaning up a temporary file that is already gone.
 
 import errno
 import os
+import random
 
 # Flags for a file we create and nobody else may have prepared for us.
 _EXCL_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -87,10 +88,12 @@ def temp_name(directory, prefix=".tmp"):
     """A fresh hidden name in `directory` for a file about to be created.
 
     Names start with a dot, so queue scans and Maildir readers skip them."""
-    # Local: secrets brings hmac and hashlib, which the daemons that run all
-    # the time (qmgr, pickup) need not keep in memory while they are idle.
-    import secrets
-    return os.path.join(directory, f"{prefix}.{os.getpid()}.{secrets.token_hex(6)}")
+    # random (seeded from os.urandom at import), not secrets: no system
+    # call per name (secrets.token_hex is a getrandom(2) each time), and
+    # no hmac and hashlib in the daemons.  The name need not be secret:
+    # it is created with O_EXCL (a taken name is retried) and the
+    # directories are not listable by other users (maildrop/ is 1733).
+    return os.path.join(directory, f"{prefix}.{os.getpid()}.{random.getrandbits(48):012x}")
 
 
 def atomic_write(path, data, mode=0o600):

@@ -22,7 +22,7 @@ import time
 from tests.bench.anchors import Postfix
 from tests.bench.pymta_side import Pymta
 from tests.bench.util import (
-    CLK_TCK, free_offset, free_port, maildir_count, proc_title, process_tree, wait_for,
+    CLK_TCK, LOOPBACK, free_offset, free_port, maildir_count, proc_title, process_tree, wait_for,
 )
 from tests.bench.workloads import smtp_source_args
 
@@ -91,6 +91,8 @@ def main(argv=None):
                          " into DIR/profile/PROGRAM.PID.prof")
     ap.add_argument("-o", dest="settings", action="append", default=[],
                     help="name=value for pymta's main.cf (postconf -e), repeatable")
+    ap.add_argument("--smtpd-o", dest="smtpd_opts", action="append", default=[],
+                    help="name=value added as -o to the smtp service in master.cf, repeatable")
     ap.add_argument("--perf", action="store_true",
                     help="perf record -g the children of the master into /tmp/percpu-perf.data")
     args = ap.parse_args(argv)
@@ -105,6 +107,15 @@ def main(argv=None):
         side = Pymta(top, free_offset([2525, 2110, 2143, 2587, 2465, 2995, 2993]))
         side.setup()
         side.available()
+        if args.smtpd_opts:
+            path = os.path.join(side.etc, "master.cf")
+            with open(path) as f:
+                lines = f.read().splitlines()
+            for i, line in enumerate(lines):
+                if line.startswith(f"{LOOPBACK}:{side.smtp_port} "):
+                    lines[i] = line + " " + " ".join(f"-o {o}" for o in args.smtpd_opts)
+            with open(path, "w") as f:
+                f.write("\n".join(lines) + "\n")
         if args.settings:
             subprocess.run(side.command("postconf") + ["-e", *args.settings], check=True)
         if args.profile:
@@ -133,6 +144,12 @@ def main(argv=None):
                                    stderr=subprocess.DEVNULL)
             time.sleep(1)
         tracers = []
+        if os.environ.get("PERCPU_STATES"):
+            targets = [str(pid) for pid in before
+                       if isinstance(pid, int) and " -n " in proc_title(pid)]
+            tracers.append(subprocess.Popen(
+                [sys.executable, os.environ["PERCPU_STATES"], "5"] + targets,
+                stdout=open("/tmp/percpu-states.txt", "w")))
         if args.perf:
             targets = ",".join(str(pid) for pid in before if " -n " in proc_title(pid))
             tracers.append(subprocess.Popen(

@@ -6,9 +6,11 @@ import os
 import re
 import socket
 
+import hypothesis
+import hypothesis.strategies as hst
 import pytest
 
-from pymta.core import config, log
+from pymta.core import cleanup, config, log
 from pymta.core.cleanup import (
     Cleanup, Origin, Rcpt, extract_recipients, make_message_id, scan_headers,
 )
@@ -592,3 +594,11 @@ def test_header_rewriting_leaves_odd_addresses_alone(env):
     # address: nothing there is replaced.  In <...> only the address changes.
     assert head[2:6] == ["To: a@example.org (a@example.org)", "Cc: not an address at all",
                          "Reply-To: a @ example.org", "Sender: a@example.org <b@example.org>"]
+
+
+@hypothesis.settings(max_examples=3000, deadline=None)
+@hypothesis.given(hst.text(alphabet='ab@.<>", ;:()[]\\ \t\u00a0xyZ-_é', max_size=16))
+def test_address_spans_fast_path_agrees_with_the_scanner(text):
+    """The regex shortcut for `Name <a@b>` and `a@b` gives exactly what the
+    character scanner gives, for any text."""
+    assert cleanup.address_spans(text) == cleanup._address_spans_scan(text)
