@@ -1,22 +1,29 @@
 """Per-process CPU of one W1-like run: where pymta spends its CPU per message.
 
-    .venv/bin/python -m tests.bench.percpu [-m 2000] [-l 4096] [--keep]
+    .venv/bin/python -m tests.bench.percpu [-m 2000] [-l 4096] [--postfix] [...]
 
-Makes a fresh instance (`pymta init` under a new directory marked +T, so
-its files land in fresh ext4 block groups: deleted inodes of earlier runs
+Makes a fresh instance (`pymta init`, or with --postfix a private Postfix
+configured as the benchmark's anchor) under a new directory marked +T, so
+its files land in fresh ext4 block groups (deleted inodes of earlier runs
 slow inode allocation on file systems without a journal), starts it, sends
 one warm-up message, then `smtp-source -s 20 -m N -l SIZE`, waits until all
-N are in the Maildir, and prints for each child of the master its user and
-system CPU per message (from /proc/PID/stat before and after) and the
-run's messages per second.  A developer's tool, not part of `make bench`.
+N are in the Maildir, and prints the run's messages per second, context
+switches per message and the machine's idle share, and for each child of
+the master its user and system CPU per message (/proc/PID/stat before and
+after; PERCPU_THREADS=1: per thread, with time on a CPU and time waiting
+for one).  Options add a py-spy, perf, strace or cProfile record, or a
+sample of every thread's scheduler state (--states).  A developer's tool
+(docs/benchmarks.md), not part of `make bench`; it stops what it started.
 """
 
 import argparse
+import collections
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from tests.bench.anchors import Postfix
@@ -45,6 +52,14 @@ def cpu_by_pid(root):
                 fields = raw.rsplit(")", 1)[1].split()
                 out[f"{pid}/{tid} {name}"] = (int(fields[11]) / CLK_TCK,
                                               int(fields[12]) / CLK_TCK)
+                try:
+                    # on CPU, and runnable but waiting for a CPU (ns)
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                        run_ns, wait_ns = (int(x) for x in f.read().split()[:2])
+                    out[f"{pid}/{tid} {name} [on-cpu, run-queue]"] = (run_ns / 1e9,
+                                                                    wait_ns / 1e9)
+                except OSError:
+                    pass
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -55,6 +70,41 @@ def cpu_by_pid(root):
             # children that exited (Postfix's processes come and go)
             out["exited children"] = (int(fields[13]) / CLK_TCK, int(fields[14]) / CLK_TCK)
     return out
+
+
+def sample_states(pids, seconds, out):
+    """Every millisecond for `seconds`: the scheduler state of each thread
+    of `pids` (R running or runnable, S sleeping, D waiting for I/O, with
+    the kernel function it waits in); prints the share of samples."""
+    counts = collections.Counter()
+    samples = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for pid in pids:
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        raw = f.read()
+                    state = raw.rsplit(")", 1)[1].split()[0]
+                    wchan = ""
+                    if state == "D":
+                        with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                            wchan = f.read()
+                except OSError:
+                    continue
+                which = "main thread" if tid == str(pid) else "other threads"
+                counts[(proc_title(pid)[:30], which, state, wchan)] += 1
+        samples += 1
+        time.sleep(0.001)
+    print(f"thread states, {samples} samples (share of samples; other threads add up):",
+          file=out)
+    for key, n in sorted(counts.items()):
+        print(f"  {key[0]:30} {key[1]:13} {key[2]} {key[3]:28} {100 * n / samples:6.1f} %",
+              file=out)
 
 
 def system_counters():
@@ -93,6 +143,8 @@ def main(argv=None):
                     help="name=value for pymta's main.cf (postconf -e), repeatable")
     ap.add_argument("--smtpd-o", dest="smtpd_opts", action="append", default=[],
                     help="name=value added as -o to the smtp service in master.cf, repeatable")
+    ap.add_argument("--states", action="store_true",
+                    help="sample the scheduler state of every thread for 5 s of the run")
     ap.add_argument("--perf", action="store_true",
                     help="perf record -g the children of the master into /tmp/percpu-perf.data")
     args = ap.parse_args(argv)
@@ -144,12 +196,12 @@ def main(argv=None):
                                    stderr=subprocess.DEVNULL)
             time.sleep(1)
         tracers = []
-        if os.environ.get("PERCPU_STATES"):
-            targets = [str(pid) for pid in before
+        sampler = None
+        if args.states:
+            targets = [pid for pid in before
                        if isinstance(pid, int) and " -n " in proc_title(pid)]
-            tracers.append(subprocess.Popen(
-                [sys.executable, os.environ["PERCPU_STATES"], "5"] + targets,
-                stdout=open("/tmp/percpu-states.txt", "w")))
+            sampler = threading.Thread(target=sample_states, args=(targets, 5.0, sys.stdout))
+            sampler.start()
         if args.perf:
             targets = ",".join(str(pid) for pid in before if " -n " in proc_title(pid))
             tracers.append(subprocess.Popen(
@@ -176,6 +228,8 @@ def main(argv=None):
                  what="delivery")
         t_all = time.monotonic() - t0
         after = cpu_by_pid(root)
+        if sampler is not None:
+            sampler.join()
         ctxt1, idle1 = system_counters()
         for p in ([spy] if spy is not None else []) + tracers:
             p.send_signal(2)
