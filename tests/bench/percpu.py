@@ -145,6 +145,8 @@ def main(argv=None):
                     help="name=value added as -o to the smtp service in master.cf, repeatable")
     ap.add_argument("--states", action="store_true",
                     help="sample the scheduler state of every thread for 5 s of the run")
+    ap.add_argument("--renice", action="append", default=[], metavar="PROGRAM=N",
+                    help="set the nice value of a service's threads before the run")
     ap.add_argument("--perf", action="store_true",
                     help="perf record -g the children of the master into /tmp/percpu-perf.data")
     args = ap.parse_args(argv)
@@ -196,6 +198,12 @@ def main(argv=None):
                                    stderr=subprocess.DEVNULL)
             time.sleep(1)
         tracers = []
+        for item in args.renice:
+            name, _, value = item.partition("=")
+            for pid in before:
+                if isinstance(pid, int) and f"{name} -n" in proc_title(pid):
+                    for tid in os.listdir(f"/proc/{pid}/task"):
+                        os.setpriority(os.PRIO_PROCESS, int(tid), int(value))
         sampler = None
         if args.states:
             targets = [pid for pid in before

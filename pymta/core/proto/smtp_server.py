@@ -55,6 +55,9 @@ _LAST_IN_GROUP = frozenset((b"EHLO", b"HELO", b"NOOP", b"VRFY"))
 COUNTER_ORDER = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat",
                  "rset", "noop", "vrfy", "help", "quit", "unknown")
 _ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}")
+# Control characters (but TAB) in reply text become spaces: no CR, LF or
+# NUL reaches the client from a configured banner or an address echoed back.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f]")
 
 
 class State(enum.Enum):
@@ -571,8 +574,7 @@ class SMTPServer:
                                   self.error_count >= self.settings.soft_error_limit))
 
     def _reply(self, code, enhanced, text):
-        lines = ["".join(c if c >= " " or c == "\t" else " " for c in line)
-                 for line in str(text).split("\n")]
+        lines = [_CONTROL_RE.sub(" ", line) for line in str(text).split("\n")]
         self._emit(code, lines, enhanced)
 
     def _close(self, reason, detail=""):

@@ -17,14 +17,13 @@ password check, DNS, an error delay), so no plaintext sent after a
 pipelined STARTTLS can be read once the handshake is done.
 
 A message's queue file is written and renamed into place in the event
-loop's thread and fsynced in a worker thread (pymta.core.cleanup place and
-sync); "250 2.0.0 Ok: queued as QID" is written only after the fsync
-returned.
+loop's thread and fsynced in a worker thread, which then also writes its
+log lines and triggers qmgr (pymta.core.cleanup place, sync, finish);
+"250 2.0.0 Ok: queued as QID" is written only after the fsync returned.
 """
 
 import asyncio
 import dataclasses
-import functools
 import ssl
 
 from pymta.core import log, tls
@@ -399,14 +398,14 @@ class Session:
         cleanup = srv.cleanup
         try:
             # Checks, the queue file's bytes, its write and rename here
-            # (page cache only); just the fsync in a worker thread: one
-            # hand-over of the GIL per message instead of one per call.
+            # (page cache only); the fsync, the log lines and qmgr's trigger
+            # in a worker thread (_sync_and_finish): one hand-over per
+            # message, and those system calls overlap the event loop's work.
             job = cleanup.prepare(ev.mail_from, rcpts, ev.data, origin, attrs, local)
             cleanup.place(job)
-            commit = self.loop.run_in_executor(None, cleanup.sync, job)
-            # finish (log lines, qmgr's trigger) also when this session is
-            # cancelled meanwhile: the commit goes on in its thread.
-            commit.add_done_callback(functools.partial(_committed, cleanup, job))
+            commit = self.loop.run_in_executor(None, _sync_and_finish, cleanup, job)
+            # shield: when this session is cancelled meanwhile, the worker
+            # still finishes (the message is queued either way).
             qid = await asyncio.shield(commit)
         except PermFail as err:
             code = 552 if err.dsn == "5.3.4" else 554 if err.dsn.startswith("5.4.") else 550
@@ -646,7 +645,9 @@ def _message_attrs(params):
     return attrs
 
 
-def _committed(cleanup, job, commit):
-    """Done callback of a commit in the worker thread (see on_message)."""
-    if not commit.cancelled() and commit.exception() is None:
-        cleanup.finish(job)
+def _sync_and_finish(cleanup, job):
+    """In a worker thread (see on_message): the fsync that queues the
+    message, then its log lines and qmgr's trigger; returns the queue id."""
+    qid = cleanup.sync(job)
+    cleanup.finish(job)
+    return qid
