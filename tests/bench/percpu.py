@@ -147,6 +147,8 @@ def main(argv=None):
                     help="sample the scheduler state of every thread for 5 s of the run")
     ap.add_argument("--renice", action="append", default=[], metavar="PROGRAM=N",
                     help="set the nice value of a service's threads before the run")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs one after the other on the same instance (default 1)")
     ap.add_argument("--perf", action="store_true",
                     help="perf record -g the children of the master into /tmp/percpu-perf.data")
     args = ap.parse_args(argv)
@@ -187,80 +189,95 @@ def main(argv=None):
         if p.returncode:
             sys.exit(f"probe failed: {p.stderr.decode(errors='replace')}")
         wait_for(lambda: maildir_count(side.maildir) >= 1, 30, what="probe delivery")
-        root = side.master_pid()
-        before = cpu_by_pid(root)
-        spy = None
-        if args.spy:
-            target = next(pid for pid in before if f"{args.spy} -n" in proc_title(pid))
-            spy = subprocess.Popen([os.environ.get("PYSPY", "py-spy"), "record", "-r", "500",
-                                    "--threads", "--nonblocking", "-f", "raw", "-o", f"/tmp/percpu-{args.spy}.txt",
-                                    "-p", str(target)], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-            time.sleep(1)
-        tracers = []
-        for item in args.renice:
-            name, _, value = item.partition("=")
-            for pid in before:
-                if isinstance(pid, int) and f"{name} -n" in proc_title(pid):
-                    for tid in os.listdir(f"/proc/{pid}/task"):
-                        os.setpriority(os.PRIO_PROCESS, int(tid), int(value))
-        sampler = None
-        if args.states:
-            targets = [pid for pid in before
-                       if isinstance(pid, int) and " -n " in proc_title(pid)]
-            sampler = threading.Thread(target=sample_states, args=(targets, 5.0, sys.stdout))
-            sampler.start()
-        if args.perf:
-            targets = ",".join(str(pid) for pid in before if " -n " in proc_title(pid))
-            tracers.append(subprocess.Popen(
-                ["perf", "record", "-e", "cpu-clock", "-g", "-o", "/tmp/percpu-perf.data",
-                 "-p", targets], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            time.sleep(1)
-        if args.strace:
-            for pid in before:
-                title = proc_title(pid)
-                if " -n " not in title:
-                    continue
-                name = title.split(":", 1)[-1].split()[0]
+        for round_no in range(args.rounds):
+            base = maildir_count(side.maildir)
+            root = side.master_pid()
+            before = cpu_by_pid(root)
+            spy = None
+            if args.spy:
+                target = next(pid for pid in before if f"{args.spy} -n" in proc_title(pid))
+                spy = subprocess.Popen([os.environ.get("PYSPY", "py-spy"), "record", "-r", "500",
+                                        "--threads", "--nonblocking", "-f", "raw", "-o", f"/tmp/percpu-{args.spy}.txt",
+                                        "-p", str(target)], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+                time.sleep(1)
+            tracers = []
+            for item in args.renice:
+                name, _, value = item.partition("=")
+                for pid in before:
+                    if isinstance(pid, int) and f"{name} -n" in proc_title(pid):
+                        for tid in os.listdir(f"/proc/{pid}/task"):
+                            os.setpriority(os.PRIO_PROCESS, int(tid), int(value))
+            sampler = None
+            targets = []
+            if args.states:
+                # the load generator joins once it runs (sample_states reads the list)
+                targets = [pid for pid in before
+                           if isinstance(pid, int) and " -n " in proc_title(pid)]
+                sampler = threading.Thread(target=sample_states, args=(targets, 5.0, sys.stdout))
+            if args.perf:
+                targets = ",".join(str(pid) for pid in before if " -n " in proc_title(pid))
                 tracers.append(subprocess.Popen(
-                    ["strace"] + (["-f", "-tt", "-T"] if os.environ.get("PERCPU_TIMELINE")
-                                  else ["-c", "-f"]) + ["-o", f"/tmp/percpu-strace-{name}.txt", "-p", str(pid)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            time.sleep(1)
-        ctxt0, idle0 = system_counters()
-        t0 = time.monotonic()
-        src = subprocess.run([str(a) for a in smtp_source_args(side.smtp_port, args.m, args.l, args.s)],
-                             capture_output=True)
-        t_src = time.monotonic() - t0
-        wait_for(lambda: maildir_count(side.maildir) >= args.m + 1, 600, interval=0.01,
-                 what="delivery")
-        t_all = time.monotonic() - t0
-        after = cpu_by_pid(root)
-        if sampler is not None:
-            sampler.join()
-        ctxt1, idle1 = system_counters()
-        for p in ([spy] if spy is not None else []) + tracers:
-            p.send_signal(2)
-            p.wait(30)
-        if src.returncode:
-            print("smtp-source:", src.stderr.decode(errors="replace"), file=sys.stderr)
-        n = args.m
-        print(f"{n} x {args.l} B: smtp-source {t_src:.2f} s, all delivered {t_all:.2f} s "
-              f"= {n / t_all:.0f} msg/s; {(ctxt1 - ctxt0) / n:.0f} context switches/msg, "
-              f"machine idle+iowait {(idle1 - idle0) / t_all / os.cpu_count():.0%}")
-        total_u = total_s = 0.0
-        for pid, (u1, s1) in sorted(after.items(), key=str):
-            u0, s0 = before.get(pid, (0.0, 0.0))
-            du, ds = u1 - u0, s1 - s0
-            if du + ds < 0.005:
-                continue
-            total_u += du
-            total_s += ds
-            title = pid if isinstance(pid, str) else proc_title(pid)
-            print(f"  {title[:48]:48} user {du * 1000 / n:5.2f}"
-                  f"  sys {ds * 1000 / n:5.2f}  ms/msg")
-        print(f"  {'total':48} user {total_u * 1000 / n:5.2f}  sys {total_s * 1000 / n:5.2f}"
-              f"  = {(total_u + total_s) * 1000 / n:.2f} ms/msg")
+                    ["perf", "record", "-e", "cpu-clock", "-g", "-o", "/tmp/percpu-perf.data",
+                     "-p", targets], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                time.sleep(1)
+            if args.strace:
+                for pid in before:
+                    title = proc_title(pid)
+                    if " -n " not in title:
+                        continue
+                    name = title.split(":", 1)[-1].split()[0]
+                    tracers.append(subprocess.Popen(
+                        ["strace"] + (["-f", "-tt", "-T"] if os.environ.get("PERCPU_TIMELINE")
+                                      else ["-c", "-f"]) + ["-o", f"/tmp/percpu-strace-{name}.txt", "-p", str(pid)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                time.sleep(1)
+            ctxt0, idle0 = system_counters()
+            t0 = time.monotonic()
+            src = subprocess.Popen([str(a) for a in smtp_source_args(side.smtp_port, args.m, args.l,
+                                                                     args.s)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            if sampler is not None:
+                targets.append(src.pid)
+                sampler.start()
+            if os.environ.get("PERCPU_HOOK"):
+                hook_targets = " ".join(str(pid) for pid in before if isinstance(pid, int)
+                                        and os.environ.get("PERCPU_HOOK_ON", "local") + " -n"
+                                        in proc_title(pid))
+                subprocess.Popen(os.environ["PERCPU_HOOK"].replace("PIDS", hook_targets),
+                                 shell=True)
+            src_err = src.communicate()[1]
+            t_src = time.monotonic() - t0
+            wait_for(lambda: maildir_count(side.maildir) >= base + args.m, 600, interval=0.01,
+                     what="delivery")
+            t_all = time.monotonic() - t0
+            after = cpu_by_pid(root)
+            if sampler is not None:
+                sampler.join()
+            ctxt1, idle1 = system_counters()
+            for p in ([spy] if spy is not None else []) + tracers:
+                p.send_signal(2)
+                p.wait(30)
+            if src.returncode:
+                print("smtp-source:", src_err.decode(errors="replace"), file=sys.stderr)
+            n = args.m
+            print(f"{'round %d: ' % (round_no + 1) if args.rounds > 1 else ''}"
+                  f"{n} x {args.l} B: smtp-source {t_src:.2f} s, all delivered {t_all:.2f} s "
+                  f"= {n / t_all:.0f} msg/s; {(ctxt1 - ctxt0) / n:.0f} context switches/msg, "
+                  f"machine idle+iowait {(idle1 - idle0) / t_all / os.cpu_count():.0%}")
+            total_u = total_s = 0.0
+            for pid, (u1, s1) in sorted(after.items(), key=str):
+                u0, s0 = before.get(pid, (0.0, 0.0))
+                du, ds = u1 - u0, s1 - s0
+                if du + ds < 0.005:
+                    continue
+                total_u += du
+                total_s += ds
+                title = pid if isinstance(pid, str) else proc_title(pid)
+                print(f"  {title[:48]:48} user {du * 1000 / n:5.2f}"
+                      f"  sys {ds * 1000 / n:5.2f}  ms/msg")
+            print(f"  {'total':48} user {total_u * 1000 / n:5.2f}  sys {total_s * 1000 / n:5.2f}"
+                  f"  = {(total_u + total_s) * 1000 / n:.2f} ms/msg")
     finally:
         side.stop()
         if args.remove:
