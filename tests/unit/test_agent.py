@@ -245,3 +245,33 @@ def test_log_delivery_writes_one_postfix_line(monkeypatch):
     agent.log_delivery("1Q", "a@b", "", "local", t, "5.1.1", "bounced", 'unknown user: "a"')
     assert lines == ['1Q: to=<a@b>, relay=local, delay=0, delays=0/0/0/0, dsn=5.1.1, '
                      'status=bounced (unknown user: "a")']
+
+
+def test_qmgr_gives_up_on_an_agent_that_does_not_answer(tmp_path):
+    """A delivery agent that reads the request and never replies: the
+    request fails after its timeout (AgentFailure), it does not hang."""
+    from pymta.services.qmgr.deliver import AgentConnection, AgentFailure
+
+    async def scenario():
+        path = str(tmp_path / "agent")
+        accepted = []
+
+        async def silent(reader, writer):
+            accepted.append(writer)
+            await reader.read(1024)           # take the request, answer nothing
+
+        server = await asyncio.start_unix_server(silent, path)
+        reader, writer = await asyncio.open_unix_connection(path)
+        conn = AgentConnection(reader, writer)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(AgentFailure, match="no reply within 0.3s"):
+            await conn.request([("queue_id", "X")], 0.3)
+        assert 0.25 <= loop.time() - start < 5
+        conn.close()
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(scenario())

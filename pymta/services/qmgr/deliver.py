@@ -83,8 +83,11 @@ class AgentConnection:
             raise AgentFailure(f"write: {e.strerror or e}", answered=False) from None
         self.requests += 1
         try:
-            reply = await asyncio.wait_for(ipc.read_attrs(self.reader), timeout)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: wait_for wraps the read in a
+            # task of its own, one more per delivery.
+            async with asyncio.timeout(timeout):
+                reply = await ipc.read_attrs(self.reader)
+        except TimeoutError:
             raise AgentFailure(f"no reply within {timeout}s") from None
         except ipc.ProtocolError as e:
             raise AgentFailure(f"malformed reply: {e}") from None
