@@ -285,12 +285,15 @@ class QueueFileWriter:
         except BaseException:
             self.abort()
             raise
-        self._state = "committed"
-        os.close(self._fd)
-        self._fd = -1
+        self._committed()
         if self._sync_dir is not None:
             self._sync_dir(os.path.dirname(self.path))
         return self.queue_id
+
+    def _committed(self):
+        self._state = "committed"
+        os.close(self._fd)
+        self._fd = -1
 
     def _write_out(self):
         if self._sealed is None:
@@ -329,9 +332,7 @@ class QueueFileWriter:
         except BaseException:
             self.abort()
             raise
-        self._state = "committed"
-        os.close(self._fd)
-        self._fd = -1
+        self._committed()
         return self.queue_id
 
     def abort(self):

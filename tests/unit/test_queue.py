@@ -106,14 +106,20 @@ def _record_calls(monkeypatch):
     return calls
 
 
-def test_commit_syscalls(queue, monkeypatch):
-    """Every byte written, then the rename, then one fsync of the file
-    (which also makes the entry durable on Linux file systems)."""
-    calls = _record_calls(monkeypatch)
+def _written(queue):
+    """A new message with its envelope and content, not committed."""
     w = queue.create()
     w.set_sender("a@b")
     w.add_recipient("c@d")
     w.write_content(MSG)
+    return w
+
+
+def test_commit_syscalls(queue, monkeypatch):
+    """Every byte written, then the rename, then one fsync of the file
+    (which also makes the entry durable on Linux file systems)."""
+    calls = _record_calls(monkeypatch)
+    w = _written(queue)
     calls.clear()
     w.commit()
     assert calls == ["write", "rename", "fsync"]
@@ -128,10 +134,7 @@ def test_maildrop_commit_syncs_the_directory(queue, monkeypatch):
 
 def test_failed_fsync_after_rename_removes_the_file(queue, monkeypatch):
     """Not acknowledged, not queued: an fsync error leaves no file behind."""
-    w = queue.create()
-    w.set_sender("a@b")
-    w.add_recipient("c@d")
-    w.write_content(MSG)
+    w = _written(queue)
 
     def failing(fd):
         raise OSError(5, "Input/output error")
@@ -595,10 +598,7 @@ def test_place_then_sync(queue, monkeypatch):
     """smtpd's halves of a commit: place() writes and renames (visible,
     complete), sync() is the one fsync; an abort in between removes it."""
     calls = _record_calls(monkeypatch)
-    w = queue.create()
-    w.set_sender("a@b")
-    w.add_recipient("c@d")
-    w.write_content(MSG)
+    w = _written(queue)
     calls.clear()
     w.place()
     assert calls == ["write", "rename"]
@@ -609,10 +609,7 @@ def test_place_then_sync(queue, monkeypatch):
     w.abort()                                   # no effect once committed
     assert list(queue.scan("incoming")) == [w.queue_id]
 
-    w2 = queue.create()
-    w2.set_sender("a@b")
-    w2.add_recipient("c@d")
-    w2.write_content(MSG)
+    w2 = _written(queue)
     w2.place()
     w2.abort()
     assert list(queue.scan("incoming")) == [w.queue_id]
