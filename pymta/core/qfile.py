@@ -117,8 +117,9 @@ class QueueFileWriter:
     """A new queue file being written under a temporary name.
 
     Made by Queue.create (or write_maildrop).  Nothing is visible to other
-    processes until `commit`, which makes the file durable and gives it its
-    final name in one rename.  Use as a context manager to abort on error."""
+    processes until `commit` (or `place`) gives the complete file its final
+    name in one rename; `commit` (or `sync`) makes it durable.  Use as a
+    context manager to abort on error."""
 
     def __init__(self, fd, tmp_path, final_path, queue_id, arrival_time,
                  stage=STAGE_QUEUE, sync_dir=None, rename_first=False):
