@@ -196,10 +196,11 @@ def main(argv=None):
             spy = None
             if args.spy:
                 target = next(pid for pid in before if f"{args.spy} -n" in proc_title(pid))
-                spy = subprocess.Popen([os.environ.get("PYSPY", "py-spy"), "record", "-r", "500",
-                                        "--threads", "--nonblocking", "-f", "raw", "-o", f"/tmp/percpu-{args.spy}.txt",
-                                        "-p", str(target)], stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
+                spy = subprocess.Popen(
+                    [os.environ.get("PYSPY", "py-spy"), "record", "-r", "500", "--threads",
+                     "--nonblocking", "-f", "raw", "-o", f"/tmp/percpu-{args.spy}.txt",
+                     "-p", str(target)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1)
             tracers = []
             for item in args.renice:
@@ -229,7 +230,8 @@ def main(argv=None):
                     name = title.split(":", 1)[-1].split()[0]
                     tracers.append(subprocess.Popen(
                         ["strace"] + (["-f", "-tt", "-T"] if os.environ.get("PERCPU_TIMELINE")
-                                      else ["-c", "-f"]) + ["-o", f"/tmp/percpu-strace-{name}.txt", "-p", str(pid)],
+                                      else ["-c", "-f"])
+                        + ["-o", f"/tmp/percpu-strace-{name}.txt", "-p", str(pid)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 time.sleep(1)
             ctxt0, idle0 = system_counters()
@@ -240,12 +242,6 @@ def main(argv=None):
             if sampler is not None:
                 targets.append(src.pid)
                 sampler.start()
-            if os.environ.get("PERCPU_HOOK"):
-                hook_targets = " ".join(str(pid) for pid in before if isinstance(pid, int)
-                                        and os.environ.get("PERCPU_HOOK_ON", "local") + " -n"
-                                        in proc_title(pid))
-                subprocess.Popen(os.environ["PERCPU_HOOK"].replace("PIDS", hook_targets),
-                                 shell=True)
             src_err = src.communicate()[1]
             t_src = time.monotonic() - t0
             wait_for(lambda: maildir_count(side.maildir) >= base + args.m, 600, interval=0.01,
