@@ -15,6 +15,7 @@ source routes dropped, address literals kept (`user@[192.0.2.1]`). The case
 of the local part and of the domain is kept as written.
 """
 
+import functools
 import ipaddress
 import re
 
@@ -136,11 +137,17 @@ def _parse_literal(text):
     return text
 
 
+@functools.lru_cache(maxsize=512)
 def parse_mailbox(text, *, smtputf8=False, allow_local_only=False):
     """Parse `local@domain` (no angle brackets); return its canonical form.
 
     With `allow_local_only`, a bare local part (`postmaster`) is accepted and
     returned without a domain; the caller's policy decides what it means.
+    Results are cached (strings, immutable): a message's addresses are
+    parsed by the SMTP engine, the policy and cleanup, and the same
+    senders and recipients come back.  Errors are not cached, so an entry
+    is at most 320 characters (local part and domain limits): the cache
+    stays small whatever a peer sends.
     """
     if not text:
         raise AddressError("empty address")

@@ -59,11 +59,19 @@ def _decode(s):
     return n
 
 
+_last_seconds = (-1, "")      # (seconds, their encoding) of the last prefix made
+
+
 def time_prefix(now=None):
     """The 10-character time part of an id made at `now` (default: now)."""
+    global _last_seconds
     micros = time.time_ns() // 1000 if now is None else round(now * 1_000_000)
     seconds, micros = divmod(micros, 1_000_000)
-    return _encode(seconds, SECONDS_WIDTH) + _encode(micros, MICROS_WIDTH)
+    last = _last_seconds
+    if last[0] != seconds:
+        # A new tuple, bound in one step: threads see the old or the new pair.
+        last = _last_seconds = (seconds, _encode(seconds, SECONDS_WIDTH))
+    return last[1] + _encode(micros, MICROS_WIDTH)
 
 
 def new_queue_id(unique=None, now=None):

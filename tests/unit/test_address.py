@@ -306,3 +306,15 @@ def test_random_text_gives_a_string_or_address_error(text, utf8):
         assert str(exc)
     else:
         assert all(k.isupper() or k.isdigit() or "-" in k for k in params)
+
+
+def test_parse_mailbox_cache_keeps_errors_and_options_apart():
+    # The result cache must not turn an error into a success, nor answer
+    # one set of options with another's result.
+    for _ in range(2):
+        with pytest.raises(AddressError):
+            parse_mailbox("postmaster")
+        assert parse_mailbox("postmaster", allow_local_only=True) == "postmaster"
+        with pytest.raises(NeedsSMTPUTF8):
+            parse_mailbox("j\u00f6rg@example.org")
+        assert parse_mailbox("j\u00f6rg@example.org", smtputf8=True) == "j\u00f6rg@example.org"

@@ -34,6 +34,14 @@ def test_sorted_by_time_across_units():
     assert [time_prefix(t) for t in times] == sorted(time_prefix(t) for t in times)
 
 
+def test_time_prefix_of_alternating_seconds():
+    # The encoding of the seconds is kept from one call to the next: going
+    # back and forth between seconds must never reuse the other one's.
+    times = [1_700_000_000.25, 1_700_000_001.5, 1_700_000_000.75, 5.0, 1_700_000_001.0]
+    for t in times + times[::-1]:
+        assert queue_id_time(time_prefix(t) + "0" + "0000") == pytest.approx(t, abs=1e-6)
+
+
 def test_many_quick_calls_are_unique_and_sorted():
     ids = [new_queue_id() for _ in range(50_000)]
     assert len(set(ids)) == len(ids)

@@ -65,10 +65,10 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.sock = sock
-        self.family = sock.family
+        self.family = family = sock.family
         self.local = sock.getsockname()
         peer = writer.get_extra_info("peername")
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and peer:
+        if family in (socket.AF_INET, socket.AF_INET6) and peer:
             self.peer_addr, self.peer_port = peer[0], peer[1]
         else:
             self.peer_addr, self.peer_port = "", 0

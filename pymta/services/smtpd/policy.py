@@ -31,6 +31,7 @@ a time limit (`smtpd_dns_timeout`).
 """
 
 import collections
+import functools
 import ipaddress
 import pwd
 import re
@@ -183,9 +184,11 @@ class NetworkList:
         return False
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_ip(addr):
     """An ipaddress object for a client address (IPv4-mapped IPv6 as IPv4),
-    or None when it is not an IP address."""
+    or None when it is not an IP address.  Cached: the same clients come
+    back, and the objects are immutable."""
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:
