@@ -58,6 +58,8 @@ _ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}")
 # Control characters (but TAB) in reply text become spaces: no CR, LF or
 # NUL reaches the client from a configured banner or an address echoed back.
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f]")
+_REPLY_CACHE = {}           # (code, enhanced, text, delay) -> Reply, see _reply
+_REPLY_CACHE_SIZE = 256     # emptied when full: texts that name a queue id or an address vary
 
 
 class State(enum.Enum):
@@ -154,6 +156,15 @@ class Reply(Event):
     text: str
     data: bytes
     delay: bool = False
+
+
+def _make_reply(code, lines, enhanced, delay):
+    prefix = f"{enhanced} " if enhanced else ""
+    last = len(lines) - 1
+    text = "\n".join([f"{code}{' ' if i == last else '-'}{prefix}{line}"
+                      for i, line in enumerate(lines)])
+    return Reply(code, text, (text.replace("\n", "\r\n") + "\r\n").encode("utf-8", "replace"),
+                 delay)
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,9 +371,9 @@ class SMTPServer:
             self._reset_transaction()
             self._count("ehlo" if ev.esmtp else "helo", True)
             if ev.esmtp:
-                self._emit(250, [self.hostname] + self.ehlo_keywords(), None)
+                self._reply(250, None, "\n".join([self.hostname] + self.ehlo_keywords()))
             else:
-                self._emit(250, [self.hostname], None)
+                self._reply(250, None, self.hostname)
         elif kind is MailFrom:
             self._count("mail", True)
             self.mail_from = ev.address
@@ -564,18 +575,28 @@ class SMTPServer:
         self._line_len = 0
 
     def _emit(self, code, lines, enhanced):
-        prefix = f"{enhanced} " if enhanced else ""
-        last = len(lines) - 1
-        out = [f"{code}{' ' if i == last else '-'}{prefix}{line}" for i, line in enumerate(lines)]
         if code >= 400:
             self.error_count += 1
-        text = "\n".join(out)
-        self._events.append(Reply(code, text, (text.replace("\n", "\r\n") + "\r\n").encode("utf-8", "replace"),
-                                  self.error_count >= self.settings.soft_error_limit))
+        self._events.append(_make_reply(code, lines, enhanced,
+                                        self.error_count >= self.settings.soft_error_limit))
 
     def _reply(self, code, enhanced, text):
-        lines = [_CONTROL_RE.sub(" ", line) for line in str(text).split("\n")]
-        self._emit(code, lines, enhanced)
+        """Queue a reply; `text` may hold several lines (a multi-line reply).
+        Replies are immutable, so one made before is reused: most of a
+        session's replies are the same few texts."""
+        if code >= 400:
+            self.error_count += 1
+        delay = self.error_count >= self.settings.soft_error_limit
+        text = str(text)
+        key = (code, enhanced, text, delay)
+        reply = _REPLY_CACHE.get(key)
+        if reply is None:
+            lines = [_CONTROL_RE.sub(" ", line) for line in text.split("\n")]
+            reply = _make_reply(code, lines, enhanced, delay)
+            if len(_REPLY_CACHE) >= _REPLY_CACHE_SIZE:
+                _REPLY_CACHE.clear()
+            _REPLY_CACHE[key] = reply
+        self._events.append(reply)
 
     def _close(self, reason, detail=""):
         self.state = State.CLOSED
@@ -894,7 +915,7 @@ class SMTPServer:
         elif not self.recipients:
             error = (554, "5.5.1", "Error: no valid recipients")
         else:
-            self._emit(354, ["End data with <CR><LF>.<CR><LF>"], None)
+            self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
             self.state = State.DATA
             self._data_bol = True
             return
