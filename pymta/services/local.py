@@ -100,7 +100,6 @@ SEE ALSO
 """
 
 import asyncio
-import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -128,6 +127,7 @@ from pymta.core.errors import (EX_OSERR, EX_SOFTWARE, EX_TEMPFAIL, PermFail,
                                PymtaError, TempFail)
 from pymta.core.queue import Queue
 from pymta.core.runtime import child
+from pymta.core.runtime.workers import WorkerPool
 
 MAX_DEPTH = 50                # nesting of aliases, :include: and .forward
 MAX_DESTINATIONS = 5000       # destinations one recipient may expand to
@@ -1178,7 +1178,7 @@ class LocalAgent:
         self.aliases = AliasMaps(self, cfg.alias_maps)
         self._cleanup = None
         self._cleanup_lock = threading.Lock()
-        self.pool = concurrent.futures.ThreadPoolExecutor(WORKERS, "local")
+        self.pool = WorkerPool(WORKERS, "local")
         self.mail_owner = None
         self.virtual_chown = None
         if self.privileges.root:
@@ -1294,8 +1294,7 @@ class LocalAgent:
         await agent.serve_connection(conn, self.handle)
 
     async def handle(self, request):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self.deliver, request)
+        return await self.pool.run(asyncio.get_running_loop(), self.deliver, request)
 
     def deliver(self, request):
         """Deliver one request (in a worker thread); list of Result."""

@@ -24,6 +24,7 @@ log lines and triggers qmgr (pymta.core.cleanup place, sync, finish);
 
 import asyncio
 import dataclasses
+import os
 import ssl
 
 from pymta.core import log, tls
@@ -34,6 +35,7 @@ from pymta.core.proto.smtp_server import (
     AuthResponse, AuthStart, Close, CloseReason, Helo, MailFrom, Message, RcptTo, Reply,
     ServerSettings, SMTPServer, StartTLS, State, Vrfy, printable,
 )
+from pymta.core.runtime.workers import WorkerPool
 from pymta.core.sasl import Challenge, SaslCancelled, SaslDecodeError, SaslError, UnknownMechanism
 from pymta.services.smtpd import sasl_glue
 from pymta.services.smtpd.policy import (
@@ -77,6 +79,9 @@ class Server:
         self.sasl = sasl_glue.SaslServer(cfg) if cfg.smtpd_sasl_auth_enable else None
         self.auth_required = cfg.smtpd_sasl_auth_required
         self.cleanup = Cleanup(cfg)
+        # Threads for the fsyncs of accepted messages, as many as asyncio's
+        # default executor would have.
+        self.sync_pool = WorkerPool(min(32, (os.cpu_count() or 1) + 4), "sync")
         base = ServerSettings(
             line_length_limit=max(512, cfg.line_length_limit),
             message_size_limit=cfg.message_size_limit,
@@ -403,10 +408,9 @@ class Session:
             # message, and those system calls overlap the event loop's work.
             job = cleanup.prepare(ev.mail_from, rcpts, ev.data, origin, attrs, local)
             cleanup.place(job)
-            commit = self.loop.run_in_executor(None, _sync_and_finish, cleanup, job)
-            # shield: when this session is cancelled meanwhile, the worker
-            # still finishes (the message is queued either way).
-            qid = await asyncio.shield(commit)
+            # When this session is cancelled meanwhile, the worker still
+            # finishes (the message is queued either way).
+            qid = await srv.sync_pool.run(self.loop, _sync_and_finish, cleanup, job)
         except PermFail as err:
             code = 552 if err.dsn == "5.3.4" else 554 if err.dsn.startswith("5.4.") else 550
             self._reject_message(code, err.dsn, f"Error: {err.text}", ev)
