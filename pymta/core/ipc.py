@@ -68,11 +68,14 @@ class Attrs(list):
 
 
 def encode(pairs):
-    """Serialise (name, value) pairs (or a dict) into one request."""
+    """Serialise (name, value) pairs (or a dict) into one request; there
+    must be at least one (see read_attrs)."""
     items = pairs.items() if isinstance(pairs, dict) else pairs
     parts = []
     for name, value in items:
         parts.append(f"{name}={_escape(str(value))}\n")
+    if not parts:
+        raise ValueError("an attribute list needs at least one attribute")
     parts.append("\n")
     return "".join(parts).encode("utf-8")
 
@@ -91,7 +94,32 @@ def parse_line(line, attrs):
 
 
 async def read_attrs(reader):
-    """Read one attribute list from an asyncio StreamReader; None at clean EOF."""
+    """Read one attribute list from an asyncio StreamReader; None at clean EOF.
+
+    The whole list is taken with one readuntil of its end (a line break
+    followed by the empty line): a request is one read, not one per line.
+    A list longer than the reader's limit is read line by line.  An empty
+    list (a lone empty line) is refused: nothing sends one (`encode`), and
+    the end of the list could not be told from the end of the next one."""
+    try:
+        block = await reader.readuntil(b"\n\n")
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            return None
+        raise ProtocolError("truncated attribute list") from None
+    except asyncio.LimitOverrunError:
+        return await _read_attrs_by_line(reader)
+    if block[0] == 10:
+        raise ProtocolError("empty attribute list")
+    attrs = Attrs()
+    for line in block[:-2].split(b"\n"):
+        if len(line) >= MAX_LINE:
+            raise ProtocolError("attribute line too long")
+        parse_line(line, attrs)
+    return attrs
+
+
+async def _read_attrs_by_line(reader):
     attrs = Attrs()
     while True:
         try:
@@ -105,6 +133,8 @@ async def read_attrs(reader):
         if len(line) > MAX_LINE:
             raise ProtocolError("attribute line too long")
         if line == b"\n":
+            if not attrs:
+                raise ProtocolError("empty attribute list")
             return attrs
         parse_line(line[:-1], attrs)
 
