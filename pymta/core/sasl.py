@@ -148,6 +148,10 @@ def _identity(raw: bytes, what: str) -> str:
         raise SaslMalformed(f"{what} is not UTF-8") from None
     if _BAD_NAME_CHARS.search(text):
         raise SaslMalformed(f"{what} contains control characters")
+    if not text.isprintable():
+        # Unassigned code points, format characters, separators other than
+        # the space: nothing a real name holds, and they could hide one in logs.
+        raise SaslMalformed(f"{what} contains unprintable characters")
     return text
 
 

@@ -65,6 +65,8 @@ def test_plain_proxy_authorization_is_refused():
     (b"\xff\0alice\0pw", "not UTF-8"),
     (b"\0alice\r\nX-Injected: yes\0pw", "control characters"),
     (b"\0alice\x1b[31m\0pw", "control characters"),
+    ("\0\u05cf\0pw".encode(), "unprintable"),           # unassigned code point
+    ("\0ali\u200bce\0pw".encode(), "unprintable"),       # zero-width space
     (b"\0" + b"a" * 1025 + b"\0pw", "longer than 1024"),
     (b"\0alice\0" + b"p" * 1025, "longer than 1024"),
     (b"", "authzid NUL authcid NUL password"),

@@ -1339,3 +1339,13 @@ def test_pipelined_recipients_are_linear():
     out = d.send(b"RCPT TO:<c@d.example>\r\n" * 20000)
     assert out == S250_RCPT_OK * 20000
     assert time.perf_counter() - start < 3.0
+
+
+@pytest.mark.parametrize("cut", [0, 1, 1000, 2050, 2100])
+def test_long_line_with_bare_cr_and_lf_names_the_cr_however_split(cut):
+    # Found by the fuzz test above: a too-long line holding a bare CR and
+    # ending in a bare LF was "bare <LF>" in one piece, "bare <CR>" in two.
+    wire = b"\r" + b"x" * 2100 + b"\n"
+    chunks = [wire[:cut], wire[cut:]] if cut else [wire]
+    replies = [r.data for r in run_chunks(chunks, forbid_unauth_pipelining=False).replies]
+    assert replies[-1] == b"521 5.5.2 mx.example.org Error: bare <CR> received\r\n"

@@ -698,11 +698,15 @@ class SMTPServer:
             del buf[:n - keep]
             return None
         if forbid:
-            if i == 0 or buf[i - 1] != 13:
-                self._bare_newline("LF")
-                return None
-            if buf.find(b"\r", 0, i - 1) >= 0:
+            # A CR before the line's end comes first in the stream: named
+            # first, as the branch above names it when the line arrives in
+            # pieces (the answer must not depend on how input was split).
+            crlf = i > 0 and buf[i - 1] == 13
+            if buf.find(b"\r", 0, i - 1 if crlf else i) >= 0:
                 self._bare_newline("CR")
+                return None
+            if not crlf:
+                self._bare_newline("LF")
                 return None
         del buf[:i + 1]
         self._skip_line = False
