@@ -129,7 +129,8 @@ def main(argv=None):
                          " deleting thousands of files slows the next run's inode"
                          " allocation for minutes)")
     ap.add_argument("--spy", metavar="PROGRAM",
-                    help="record the child whose title has PROGRAM with py-spy (PYSPY=path)"
+                    help="record the child whose title has PROGRAM with py-spy (PYSPY=path;"
+                         " PYSPY_ARGS=--gil: only the thread holding the GIL)"
                          " into /tmp/percpu-PROGRAM.txt (collapsed stacks)")
     ap.add_argument("--strace", action="store_true",
                     help="count the system calls of each child of the master (strace -c -f)"
@@ -199,7 +200,7 @@ def main(argv=None):
                 spy = subprocess.Popen(
                     [os.environ.get("PYSPY", "py-spy"), "record", "-r", "500", "--threads",
                      "--nonblocking", "-f", "raw", "-o", f"/tmp/percpu-{args.spy}.txt",
-                     "-p", str(target)],
+                     "-p", str(target)] + os.environ.get("PYSPY_ARGS", "").split(),
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1)
             tracers = []
