@@ -426,6 +426,9 @@ def serve(ctx, handler, *, main=None, long_running=False, ssl_context=None,
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(os.path.join(profile_dir, f"{ctx.program}.{os.getpid()}.prof"))
+            from pymta.core.runtime import workers
+            workers.dump_profiles(os.path.join(profile_dir,
+                                               f"{ctx.program}.{os.getpid()}.workers.prof"))
     return 0
 
 

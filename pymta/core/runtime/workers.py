@@ -23,8 +23,13 @@ that leaves waits for its sessions first (runtime.child), so no call is
 running then; a call still queued at exit is one whose caller is gone.
 """
 
+import os
 import queue
 import threading
+
+# PYMTA_PROFILE (docs/benchmarks.md): each worker's calls run under its own
+# cProfile.Profile, written with the event loop's profile (runtime.child).
+_PROFILES = []
 
 
 def _deliver(future, result, error):
@@ -65,10 +70,16 @@ class WorkerPool:
     def _work(self):
         get = self._calls.get
         lock = self._lock
+        call = None
+        if os.environ.get("PYMTA_PROFILE"):
+            import cProfile
+            profile = cProfile.Profile()
+            _PROFILES.append(profile)
+            call = profile.runcall
         while True:
             loop, future, func, args = get()
             try:
-                result, error = func(*args), None
+                result, error = (func(*args) if call is None else call(func, *args)), None
             except BaseException as e:      # noqa: BLE001 - handed to the caller
                 result, error = None, e
             # Free before the result is handed over, so that the caller's
@@ -81,3 +92,10 @@ class WorkerPool:
                 # The loop is closed: nobody waits for this result any more.
                 pass
             del future, result, error, args, func
+
+
+def dump_profiles(path):
+    """Write the workers' profiles, merged, to `path` (PYMTA_PROFILE)."""
+    if _PROFILES:
+        import pstats
+        pstats.Stats(*_PROFILES).dump_stats(path)
