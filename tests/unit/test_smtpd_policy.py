@@ -401,7 +401,18 @@ def test_vrfy(tmp_path):
     ([], "127.0.0.1", "", False),
 ])
 def test_network_list(items, addr, name, expected):
-    assert NetworkList(items).match(addr, name) is expected
+    networks = NetworkList(items)
+    assert networks.match(addr, name) is expected
+    assert networks.match(addr, name) is expected      # remembered answer
+
+
+def test_network_list_memo_keeps_clients_apart():
+    networks = NetworkList(["!192.0.2.7", "192.0.2.0/24", "example.org"])
+    answers = {("192.0.2.7", ""): False, ("192.0.2.8", ""): True,
+               ("198.51.100.1", "mx.example.org"): True, ("198.51.100.1", ""): False}
+    for _ in range(2):
+        for (addr, name), want in answers.items():
+            assert networks.match(addr, name) is want, (addr, name)
 
 
 def test_network_list_bad_entry():
