@@ -24,6 +24,8 @@ class ProtocolError(Exception):
 
 
 def _escape(value):
+    if "%" not in value and "\n" not in value and "\r" not in value and "\0" not in value:
+        return value
     return (value.replace("%", "%25").replace("\n", "%0A")
             .replace("\r", "%0D").replace("\0", "%00"))
 
@@ -111,8 +113,31 @@ async def read_attrs(reader):
         return await _read_attrs_by_line(reader)
     if block[0] == 10:
         raise ProtocolError("empty attribute list")
+    return _parse_block(block[:-1])
+
+
+# One attribute line of a decoded block (see _parse_block).
+_LINE_RE = re.compile(r"([A-Za-z0-9_.-]{1,64})=([^\n]*)\n")
+
+
+def _parse_block(block):
+    """The list in `block` (its lines, each ending in LF): decoded at once
+    and split by one regex, the matches checked to cover every character
+    (so no malformed line is skipped).  Anything unusual takes the line by
+    line parser, which says what is wrong."""
+    if len(block) < MAX_LINE:
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None:
+            pairs = _LINE_RE.findall(text)
+            if sum(len(n) + len(v) + 2 for n, v in pairs) == len(text):
+                if "%" in text:
+                    pairs = [(n, _unescape(v)) for n, v in pairs]
+                return Attrs(pairs)
     attrs = Attrs()
-    for line in block[:-2].split(b"\n"):
+    for line in block[:-1].split(b"\n"):
         if len(line) >= MAX_LINE:
             raise ProtocolError("attribute line too long")
         parse_line(line, attrs)
