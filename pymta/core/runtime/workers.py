@@ -1,6 +1,6 @@
 """A pool of threads for blocking calls made on behalf of an event loop.
 
-    pool = WorkerPool(6, "smtpd-sync")
+    pool = WorkerPool(6, "sync")
     result = await pool.run(loop, func, arg, ...)
 
 It does what loop.run_in_executor(ThreadPoolExecutor) does, with less
@@ -18,9 +18,9 @@ queued either way) do their work inside the call.
 
 A thread is started when a call finds none idle, up to `size` (as
 ThreadPoolExecutor does), so a quiet process keeps few.  They are daemon
-threads: a process
-that leaves waits for its sessions first (runtime.child), so no call is
-running then; a call still queued at exit is one whose caller is gone.
+threads: a process that leaves waits for its sessions first
+(runtime.child), so no call is running then; a call still queued at exit
+is one whose caller is gone.
 """
 
 import os
