@@ -46,6 +46,7 @@ _HEADER_RE = re.compile(rb"HPYMTA1 ([0-9]{16})\nM")
 _TIME_RE = re.compile(rb"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 _WARN_WIDTH = 12
 _ATTR_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_GOOD_ATTR_NAMES = set()    # names that passed _ATTR_NAME_RE (the same few every message)
 
 # Record types.
 REC_HEADER = b"H"
@@ -181,8 +182,13 @@ class QueueFileWriter:
     def set_attr(self, name, value):
         """Set a message attribute name=value (a later value replaces)."""
         self._check_open()
-        if not isinstance(name, str) or not _ATTR_NAME_RE.fullmatch(name):
+        if not isinstance(name, str):
             raise ValueError(f"bad attribute name {name!r}")
+        if name not in _GOOD_ATTR_NAMES:
+            if not _ATTR_NAME_RE.fullmatch(name):
+                raise ValueError(f"bad attribute name {name!r}")
+            if len(_GOOD_ATTR_NAMES) < 256:
+                _GOOD_ATTR_NAMES.add(name)
         if self._stage == STAGE_POST and name not in POST_ATTRS:
             raise ValueError(f"attribute {name!r} not allowed in a {self._stage} file")
         self._attrs[name] = self._record(REC_ATTR, name.encode() + b"=" + _text(value, name))

@@ -61,13 +61,15 @@ class ServiceContext:
 class Connection:
     """One accepted connection, as asyncio streams plus who is at the other end."""
 
-    def __init__(self, reader, writer, sock, listen_sock):
+    def __init__(self, reader, writer, sock, listen_sock, peer=None):
+        """`peer`: the address accept() returned (saves a getpeername)."""
         self.reader = reader
         self.writer = writer
         self.sock = sock
         self.family = family = sock.family
         self.local = sock.getsockname()
-        peer = writer.get_extra_info("peername")
+        if peer is None:
+            peer = writer.get_extra_info("peername")
         if family in (socket.AF_INET, socket.AF_INET6) and peer:
             self.peer_addr, self.peer_port = peer[0], peer[1]
         else:
@@ -229,7 +231,7 @@ class _Server:
     def on_readable(self, lsock):
         while self.accepting and len(self.active) < self.cap:
             try:
-                conn, _ = lsock.accept()
+                conn, peer = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -243,7 +245,7 @@ class _Server:
             if self.on_trigger is not None:
                 self.start_trigger(conn)
                 continue
-            task = self.loop.create_task(self.run_one(conn, lsock))
+            task = self.loop.create_task(self.run_one(conn, lsock, peer))
             self.active.add(task)
             task.add_done_callback(self.finished)
             if len(self.active) >= self.cap:
@@ -283,7 +285,7 @@ class _Server:
         if data:
             self.on_trigger(data)
 
-    async def run_one(self, conn, lsock):
+    async def run_one(self, conn, lsock, peer=None):
         reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=self.loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=self.loop)
         try:
@@ -295,7 +297,7 @@ class _Server:
             conn.close()
             return
         connection = Connection(reader, asyncio.StreamWriter(transport, protocol, reader, self.loop),
-                                conn, lsock)
+                                conn, lsock, peer)
         try:
             await self.handler(connection)
         finally:
