@@ -176,5 +176,7 @@ def read_attrs_sync(f):
         if not line.endswith(b"\n"):
             raise ProtocolError("attribute line too long or truncated")
         if line == b"\n":
+            if not attrs:
+                raise ProtocolError("empty attribute list")
             return attrs
         parse_line(line[:-1], attrs)

@@ -62,3 +62,12 @@ def test_clean_eof_and_no_empty_lists_written():
     assert read_all([]) == []
     with pytest.raises(ValueError):
         ipc.encode([])
+
+
+def test_file_reader_follows_the_same_rules():
+    import io
+    f = io.BytesIO(ipc.encode({"status": "ok"}) + b"\n")
+    assert list(ipc.read_attrs_sync(f)) == [("status", "ok")]
+    with pytest.raises(ipc.ProtocolError, match="empty attribute list"):
+        ipc.read_attrs_sync(f)
+    assert ipc.read_attrs_sync(io.BytesIO(b"")) is None
