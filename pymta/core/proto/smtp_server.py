@@ -34,6 +34,7 @@ announced end, so an error never lets chunk bytes be taken as commands.
 import base64
 import binascii
 import enum
+import functools
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -58,8 +59,6 @@ _ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}")
 # Control characters (but TAB) in reply text become spaces: no CR, LF or
 # NUL reaches the client from a configured banner or an address echoed back.
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f]")
-_REPLY_CACHE = {}           # (code, enhanced, text, delay) -> Reply, see _reply
-_REPLY_CACHE_SIZE = 256     # emptied when full: texts that name a queue id or an address vary
 
 
 class State(enum.Enum):
@@ -165,6 +164,16 @@ def _make_reply(code, lines, enhanced, delay):
                       for i, line in enumerate(lines)])
     return Reply(code, text, (text.replace("\n", "\r\n") + "\r\n").encode("utf-8", "replace"),
                  delay)
+
+
+@functools.lru_cache(maxsize=256)
+def _text_reply(code, enhanced, text, delay):
+    """The Reply for a text that may hold several lines, control characters
+    made spaces.  Cached (replies are immutable): most of a session's
+    replies are the same few texts; those naming a queue id or an address
+    age out."""
+    return _make_reply(code, [_CONTROL_RE.sub(" ", line) for line in text.split("\n")],
+                       enhanced, delay)
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,22 +590,11 @@ class SMTPServer:
                                         self.error_count >= self.settings.soft_error_limit))
 
     def _reply(self, code, enhanced, text):
-        """Queue a reply; `text` may hold several lines (a multi-line reply).
-        Replies are immutable, so one made before is reused: most of a
-        session's replies are the same few texts."""
+        """Queue a reply; `text` may hold several lines (a multi-line reply)."""
         if code >= 400:
             self.error_count += 1
-        delay = self.error_count >= self.settings.soft_error_limit
-        text = str(text)
-        key = (code, enhanced, text, delay)
-        reply = _REPLY_CACHE.get(key)
-        if reply is None:
-            lines = [_CONTROL_RE.sub(" ", line) for line in text.split("\n")]
-            reply = _make_reply(code, lines, enhanced, delay)
-            if len(_REPLY_CACHE) >= _REPLY_CACHE_SIZE:
-                _REPLY_CACHE.clear()
-            _REPLY_CACHE[key] = reply
-        self._events.append(reply)
+        self._events.append(_text_reply(code, enhanced, str(text),
+                                        self.error_count >= self.settings.soft_error_limit))
 
     def _close(self, reason, detail=""):
         self.state = State.CLOSED
