@@ -141,17 +141,17 @@ class NetworkList:
     the client name (with subdomains), and type:table lookups of the
     address.  First match wins."""
 
-    _MEMO_SIZE = 1024
-
     def __init__(self, items, cfg=None):
         self.entries = []
         for item in items:
             negate = item.startswith("!")
             text = item[1:] if negate else item
             self.entries.append((negate, self._parse(text, cfg)))
-        # Without tables the answer for an (address, name) never changes:
-        # it is remembered (the same clients come back).  A table may.
-        self._memo = None if any(kind == "table" for _, (kind, _) in self.entries) else {}
+        # Without tables the answer for a client never changes: it is
+        # remembered (the same clients come back).  A table's may.
+        self._cached = None
+        if not any(kind == "table" for _, (kind, _) in self.entries):
+            self._cached = functools.lru_cache(maxsize=1024)(self._match)
 
     @staticmethod
     def _parse(text, cfg):
@@ -173,16 +173,8 @@ class NetworkList:
         table cannot be read."""
         if not self.entries:
             return False
-        memo = self._memo
-        if memo is not None:
-            key = (addr, name)
-            hit = memo.get(key)
-            if hit is None:
-                hit = self._match(addr, name, ip)
-                if len(memo) >= self._MEMO_SIZE:
-                    memo.clear()
-                memo[key] = hit
-            return hit
+        if self._cached is not None:
+            return self._cached(addr, name, ip)
         return self._match(addr, name, ip)
 
     def _match(self, addr, name, ip):
